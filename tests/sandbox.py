@@ -100,7 +100,8 @@ class MotoServer:
         env = dict(os.environ, MOTO_AMIS_PATH=str(amis))
         self.log = open(self.workdir / "moto_server.log", "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            [sys.executable, str(Path(__file__).with_name("moto_launcher.py")),
+             "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=self.log, stderr=subprocess.STDOUT, env=env,
         )
         wait_until(self._answers, timeout=60, interval=0.1, what="moto_server start")
