@@ -4,8 +4,12 @@
 are the same ones the ``crimpl`` command runs; they live in ``crimpl/cli.py``.
 """
 
-from invoke import Collection, task
+import sys
+import uuid
 
+from invoke import Collection, Exit, task
+
+import crimpl
 from crimpl import cli
 
 
@@ -22,4 +26,20 @@ def bench(c, delay_ms=20, runs=3):
           "--json benchmarks/results/latest.json")
 
 
-ns = Collection(*cli.ns.tasks.values(), test, bench)
+@task(help={"dest": "where the results land (default: demo-results/)"})
+def demo(c, dest="demo-results"):
+    """Run a real job end to end on the local target: submit, follow, status, fetch. No AWS needed."""
+    server = crimpl.Local()
+    job = server.submit_script("examples/demo/run.sh", files=["examples/demo/data"],
+                               job_name=f"demo-{uuid.uuid4().hex[:6]}")
+    print(f"submitted {job.job_name} to {server}; its output:")
+    job.logs(follow=True, stream=sys.stdout)
+    status = job.wait(timeout=60, interval=0.2)
+    print(f"{job.job_name}: {status}")
+    report = job.check_output("results", dest + "/")
+    print(f"fetched {len(report.files)} file(s) into {dest}/: {', '.join(report.files)}")
+    if status.state != "complete":
+        raise Exit(f"demo job {status}", code=1)
+
+
+ns = Collection(*cli.ns.tasks.values(), test, bench, demo)
