@@ -29,6 +29,7 @@ the instance's shutdown behaviour decides stop or terminate.
 """
 
 import json
+import secrets
 import shlex
 import sys
 import tempfile
@@ -55,7 +56,8 @@ _WRAPPER_TEMPLATE = r"""#!/bin/sh
 cd "$(dirname "$0")" || exit 70
 ENTRY={entry}
 ON_COMPLETE={on_complete}
-now() {{ date -u +%Y-%m-%dT%H:%M:%SZ; }}
+# Sub-second times where date has %N (GNU), so jobs started in one second still sort.
+now() {{ t=$(date -u +%Y-%m-%dT%H:%M:%S.%N); case $t in *N) t=$(date -u +%Y-%m-%dT%H:%M:%S);; esac; echo "${{t}}Z"; }}
 record() {{
   printf '{{"state": "%s", "exit_code": %s, "pid": %s, "started": "%s", "ended": %s, "on_complete": "%s"}}\n' \
     "$1" "$2" "$$" "$STARTED" "$3" "$ON_COMPLETE" > {status}.tmp && mv -f {status}.tmp {status}
@@ -88,11 +90,11 @@ fi
 _STATUS_SCRIPT = r"""
 for d in {dirs}; do
   [ -d "$d" ] || continue
-  s=$(cat "$d/{status}" 2> /dev/null)
+  s=$(cat "$d/{status}" 2> /dev/null); [ -n "$s" ] || s='{{}}'
   pid=$(printf '%s' "$s" | sed -n 's/.*"pid": *\([0-9][0-9]*\).*/\1/p')
   if [ -n "$pid" ] && kill -0 "$pid" 2> /dev/null; then alive=alive; else alive=dead; fi
   if [ -e "$d/{killed}" ]; then k=killed; else k=-; fi
-  printf '%s\t%s\t%s\t%s\n' "$(basename "$d")" "$alive" "$k" "${{s:-{{}}}}"
+  printf '%s\t%s\t%s\t%s\n' "$(basename "$d")" "$alive" "$k" "$s"
 done
 """
 
@@ -170,10 +172,13 @@ def job_dir(root, name):
 
 
 def new_job_name(entry):
-    """Return a fresh, sortable job name: ``<UTC time>-<script stem>``."""
+    """Return a fresh job name: ``<UTC time>-<script stem>-<4 hex digits>``.
+
+    The random tail keeps two submissions in the same second apart.
+    """
     stem = Path(entry).stem if entry != COMMANDS_SCRIPT else "commands"
     stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in stem)[:30] or "job"
-    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{stem}"
+    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{stem}-{secrets.token_hex(2)}"
 
 
 def check_job_name(name):
