@@ -9,6 +9,7 @@ in :func:`api_errors`, with a message that says what to do.
 
 import base64
 import contextlib
+import os
 import re
 import time
 from datetime import datetime, timezone
@@ -33,6 +34,8 @@ def client(region=None):
     import boto3
     import botocore.exceptions
 
+    # boto3 reads only AWS_DEFAULT_REGION; AWS_REGION (what the other SDKs and our messages use) wins.
+    region = region or os.environ.get("AWS_REGION") or None
     try:
         session = boto3.session.Session(region_name=region)
         if not session.region_name:
@@ -186,8 +189,10 @@ def user_data(ec2, instance_id):
 def set_shutdown_behavior(ec2, instance_id, behavior):
     """Set what a shutdown from inside the instance does: ``stop`` or ``terminate``."""
     with api_errors(instance_id):
+        # The Attribute/Value form: EC2 accepts it for this attribute, and so does moto_server,
+        # which ignores the InstanceInitiatedShutdownBehavior={"Value": ...} form.
         ec2.modify_instance_attribute(
-            InstanceId=instance_id, InstanceInitiatedShutdownBehavior={"Value": behavior}
+            InstanceId=instance_id, Attribute="instanceInitiatedShutdownBehavior", Value=behavior
         )
 
 
@@ -280,7 +285,7 @@ def ensure_security_group(ec2, spec, cidrs):
         else:
             group_id = ec2.create_security_group(
                 GroupName=spec.security_group_name,
-                Description=f"crimpl: SSH to {spec.server_name} from the owner's address only",
+                Description=f"crimpl: SSH to {spec.server_name} from the owner address only",
                 VpcId=vpc_id,
                 TagSpecifications=[{"ResourceType": "security-group", "Tags": _crimpl_only_tags(spec)}],
             )["GroupId"]
@@ -335,7 +340,8 @@ def delete_created_resources(ec2, spec_or_name):
     removed = []
     with api_errors():
         for pair in ec2.describe_key_pairs(Filters=filters)["KeyPairs"]:
-            ec2.delete_key_pair(KeyPairId=pair["KeyPairId"])
+            # By name: every EC2 endpoint (moto_server too) accepts KeyName; not all accept KeyPairId.
+            ec2.delete_key_pair(KeyName=pair["KeyName"])
             removed.append(pair["KeyName"])
         for group in ec2.describe_security_groups(Filters=filters)["SecurityGroups"]:
             ec2.delete_security_group(GroupId=group["GroupId"])
