@@ -42,4 +42,11 @@ def demo(c, dest="demo-results"):
         raise Exit(f"demo job {status}", code=1)
 
 
-ns = Collection(*cli.ns.tasks.values(), test, bench, demo)
+@task(help={"minutes": "stop by itself after this long", "stack": "write Pulumi.<stack>.yaml for it"})
+def sandbox(c, minutes=60, stack="sandbox"):
+    """Run a local EC2 endpoint and sshd (no AWS account) until Ctrl-C; see README."""
+    c.run(f"python tests/sandbox.py --dir /tmp/crimpl-sandbox --minutes {minutes} "
+          f"--stack-file Pulumi.{stack}.yaml", pty=False)
+
+
+ns = Collection(*cli.ns.tasks.values(), test, bench, demo, sandbox)

@@ -271,3 +271,143 @@ def instance_host_key(instance_id, endpoint_env):
     user_data = base64.b64decode(attr["UserData"]["Value"]).decode()
     private, _public = host_key_from_user_data(user_data)
     return private
+
+
+# ---------------------------------------------------------------------------
+# The sandbox as a service: `python tests/sandbox.py --dir DIR` (or `invoke sandbox`)
+
+
+class _CheckIP:
+    """A loopback stand-in for checkip.amazonaws.com that answers 127.0.0.1."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                body = b"127.0.0.1\n"
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+
+
+class Sandbox:
+    """moto_server plus one sshd per running crimpl instance, kept in step with EC2.
+
+    Every ``interval`` seconds it looks at the crimpl instances moto_server
+    knows: a running one gets an sshd with the host key from its user data (as
+    cloud-init would install it) and SSH routes for its current addresses; a
+    stopped or terminated one loses its sshd, as a real instance does.
+    """
+
+    def __init__(self, directory, interval=0.3):
+        import getpass
+
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.interval = interval
+        self.user = getpass.getuser()
+        self.sshds = {}
+
+    def start(self):
+        self.moto = MotoServer(self.dir).start()
+        self.checkip = _CheckIP()
+        self.key = make_client_key(self.dir)
+        self.routes = SSHRoutes(self.dir / "ssh_config")
+        self.env = {**self.moto.environ(), "CRIMPL_SSH_CONFIG": str(self.routes.path),
+                    "CRIMPL_CHECKIP_URL": self.checkip.url}
+        lines = [f"export {k}={v}" for k, v in self.env.items()]
+        (self.dir / "env.sh").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return self
+
+    def stack_yaml(self, nprocs=2):
+        """Return a ``Pulumi.<stack>.yaml`` whose server the sandbox can serve."""
+        return (
+            "# A stack for the local sandbox (moto_server + sshd); see README.\n"
+            "config:\n"
+            "  aws:region: us-east-1\n"
+            f"  crimpl:keyFile: {self.key}\n"
+            f"  crimpl:username: {self.user}\n"
+            f"  crimpl:nprocs: {nprocs}\n"
+            f"  crimpl:remoteDir: {self.dir / 'remote'}\n"
+            "  crimpl:sshTimeout: 60\n"
+        )
+
+    def sync(self):
+        """Bring the sshd servers and routes in line with the instances, once."""
+        import base64
+
+        from crimpl.hostkeys import host_key_from_user_data
+
+        ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=self.moto.url,
+                           aws_access_key_id="testing", aws_secret_access_key="testing")
+        pages = ec2.describe_instances(Filters=[{"Name": "tag:crimpl:managed", "Values": ["true"]}])
+        for reservation in pages["Reservations"]:
+            for inst in reservation["Instances"]:
+                iid, state = inst["InstanceId"], inst["State"]["Name"]
+                if state != "running":
+                    if iid in self.sshds:
+                        self.sshds.pop(iid).stop()
+                    continue
+                if iid not in self.sshds:
+                    attr = ec2.describe_instance_attribute(InstanceId=iid, Attribute="userData")
+                    user_data = base64.b64decode(attr["UserData"]["Value"]).decode()
+                    private, _ = host_key_from_user_data(user_data)
+                    self.sshds[iid] = Sshd(self.dir / f"sshd-{iid}", private,
+                                           self.key.with_suffix(".pub").read_text()).start()
+                for address in (inst.get("PublicIpAddress"), inst.get("PrivateIpAddress")):
+                    if address and self.routes.routes.get(address, (None,))[0] != self.sshds[iid].port:
+                        self.routes.add(address, self.sshds[iid].port)
+
+    def serve(self, seconds):
+        """Keep in step with EC2 for at most ``seconds``, then stop."""
+        deadline = time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline:
+                self.sync()
+                time.sleep(self.interval)
+        finally:
+            self.stop()
+
+    def stop(self):
+        for sshd in self.sshds.values():
+            sshd.stop()
+        self.sshds.clear()
+        self.checkip.stop()
+        self.moto.stop()
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Run crimpl's local sandbox: a loopback EC2 endpoint and an sshd per instance.")
+    parser.add_argument("--dir", default="/tmp/crimpl-sandbox", help="working folder (env.sh lands here)")
+    parser.add_argument("--minutes", type=float, default=60, help="stop by itself after this long")
+    parser.add_argument("--stack-file", help="also write a Pulumi.<stack>.yaml for the sandbox here")
+    args = parser.parse_args(argv)
+    sandbox = Sandbox(args.dir).start()
+    if args.stack_file:
+        Path(args.stack_file).write_text(sandbox.stack_yaml(), encoding="utf-8")
+    print(f"sandbox ready for {args.minutes:g} min: . {sandbox.dir / 'env.sh'}", flush=True)
+    try:
+        sandbox.serve(args.minutes * 60)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    main()
