@@ -1,0 +1,1 @@
+"""crimpl's Pulumi program (``__main__.py``), installed as ``crimpl.infra``."""

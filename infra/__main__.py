@@ -1,0 +1,179 @@
+"""crimpl's Pulumi program: one EC2 server for this stack.
+
+Stack config (``crimpl:`` keys, see Pulumi.example.yaml) -> the one instance spec
+of :func:`crimpl.config.build_spec`, shared with the boto3 path -> resources ->
+exports. Every resource mirrors :mod:`crimpl.ec2` (``run_instances_params``,
+``ensure_key_pair``, ``ensure_security_group``); tests/test_infra.py checks that.
+"""
+
+import re
+
+import pulumi
+import pulumi_aws as aws
+
+from crimpl.config import (
+    UBUNTU_NAME_PATTERN,
+    UBUNTU_OWNER,
+    build_spec,
+    config_from_stack,
+    stack_server_name,
+)
+from crimpl.errors import ConfigError
+from crimpl.hostkeys import public_line_of
+from crimpl.stack import stack_key_type
+
+# --- Config ------------------------------------------------------------------
+
+config = pulumi.Config("crimpl")
+stack = pulumi.get_stack()
+source = f"Pulumi.{stack}.yaml"
+
+# Every crimpl: key that is set, unknown ones included, so that a typo is an
+# error rather than silently ignored. pulumi.Config cannot list keys; the
+# runtime's config map can.
+set_keys = {**pulumi.runtime.get_config_env(), **pulumi.runtime.config.CONFIG.get()}
+getters = {int: config.get_int, bool: config.get_bool, float: config.get_float,
+           object: config.get_object, str: config.get}
+try:
+    values = {key: getters[stack_key_type(key)](key)
+              for key in (k.split(":", 1)[1] for k in set_keys if k.startswith("crimpl:"))}
+except pulumi.ConfigTypeError as exc:
+    raise pulumi.RunError(f"{source}: {exc}") from exc
+region = pulumi.Config("aws").get("region")
+if region:
+    values["region"] = region
+
+host_private = values.get("hostKey")
+if not host_private:
+    raise pulumi.RunError(
+        f"{source}: crimpl:hostKey is not set: crimpl up generates it; with the pulumi CLI, run "
+        "ssh-keygen -q -t ed25519 -N '' -f hostkey && pulumi config set --secret crimpl:hostKey < hostkey"
+    )
+if not pulumi.runtime.is_config_secret("crimpl:hostKey"):
+    raise pulumi.RunError(f"{source}: crimpl:hostKey must be a secret: set it with pulumi config set --secret")
+
+try:
+    crimpl_config, nprocs, server_name = config_from_stack(values, source=source)
+    try:
+        host_key = (host_private, public_line_of(host_private))
+    except ValueError as exc:
+        raise ConfigError(f"{source}: crimpl:hostKey is not an unencrypted OpenSSH private key ({exc})") from exc
+    spec = build_spec(
+        crimpl_config,
+        nprocs=nprocs,
+        server_name=server_name or stack_server_name(pulumi.get_project(), stack),
+        host_key=host_key,
+        ssh_cidrs=values.get("sshCidrs"),
+    )
+except ConfigError as exc:
+    raise pulumi.RunError(str(exc)) from exc
+
+if not spec.security_group_id and not spec.ssh_cidrs:
+    raise pulumi.RunError(
+        f"{source}: crimpl:sshCidrs is not set: crimpl up fills in your address; with the pulumi CLI, "
+        "run pulumi config set --path 'crimpl:sshCidrs[0]' <your address>/32"
+    )
+
+# Everything crimpl creates carries the instance's tags except its host key.
+resource_tags = {k: v for k, v in spec.tags.items() if k != "crimpl:host-key"}
+
+# --- Image -------------------------------------------------------------------
+# As crimpl.ec2.newest_ubuntu_lts: Canonical's amd64 server images, LTS releases
+# only (YY.04, even YY), the newest release, then its newest build. most_recent
+# alone would pick whichever release was rebuilt last.
+
+image_filters = [
+    {"name": "name", "values": [UBUNTU_NAME_PATTERN]},
+    {"name": "architecture", "values": ["x86_64"]},
+    {"name": "state", "values": ["available"]},
+]
+
+
+def lts_regex(year="[0-9][02468]"):
+    return rf"/ubuntu-[a-z]+-{year}\.04-amd64-server-"
+
+
+def newest_ubuntu_lts():
+    image = aws.ec2.get_ami(owners=[UBUNTU_OWNER], most_recent=True, name_regex=lts_regex(),
+                            filters=image_filters)
+    year = int(re.search(r"-([0-9]+)\.04-amd64-server-", image.name).group(1))
+    newest = year
+    while aws.ec2.get_ami_ids(owners=[UBUNTU_OWNER], name_regex=lts_regex(newest + 2),
+                              filters=image_filters).ids:
+        newest += 2
+    if newest != year:
+        image = aws.ec2.get_ami(owners=[UBUNTU_OWNER], most_recent=True, name_regex=lts_regex(newest),
+                                filters=image_filters)
+    return image.id
+
+
+image_id = spec.image_id or newest_ubuntu_lts()
+
+# --- Key pair ----------------------------------------------------------------
+
+if spec.key_name:
+    key_name = spec.key_name
+else:
+    key_pair = aws.ec2.KeyPair(
+        "key-pair",
+        key_name=spec.key_pair_name,
+        public_key=spec.public_key,
+        tags=resource_tags,
+        opts=pulumi.ResourceOptions(delete_before_replace=True),  # the name is fixed
+    )
+    key_name = key_pair.key_name
+
+# --- Security group: SSH from the owner's networks only -----------------------
+
+if spec.security_group_id:
+    security_group_id = spec.security_group_id
+else:
+    security_group = aws.ec2.SecurityGroup(
+        "ssh",
+        name=spec.security_group_name,
+        description=f"crimpl: SSH to {spec.server_name} from the owner address only",
+        vpc_id=aws.ec2.get_subnet(id=spec.subnet_id).vpc_id if spec.subnet_id else None,
+        ingress=[{
+            "protocol": "tcp",
+            "from_port": 22,
+            "to_port": 22,
+            "cidr_blocks": list(spec.ssh_cidrs),
+            "description": "crimpl: SSH from the owner",
+        }],
+        # What AWS gives a new group; Pulumi would otherwise remove it.
+        egress=[{"protocol": "-1", "from_port": 0, "to_port": 0, "cidr_blocks": ["0.0.0.0/0"]}],
+        tags=resource_tags,
+    )
+    security_group_id = security_group.id
+
+# --- Instance ----------------------------------------------------------------
+
+instance = aws.ec2.Instance(
+    "server",
+    ami=image_id,
+    instance_type=spec.instance_type,
+    key_name=key_name,
+    subnet_id=spec.subnet_id,
+    vpc_security_group_ids=[security_group_id],
+    user_data=pulumi.Output.secret(spec.user_data),  # carries the host private key
+    instance_initiated_shutdown_behavior=spec.shutdown_behavior,
+    root_block_device={"volume_size": spec.volume_size, "volume_type": "gp3", "delete_on_termination": True},
+    metadata_options={"http_tokens": "required", "http_endpoint": "enabled"},
+    instance_market_options={
+        "market_type": "spot",
+        # Stoppable spot instances must be persistent and stop on interruption.
+        "spot_options": {"instance_interruption_behavior": "stop", "spot_instance_type": "persistent"},
+    } if spec.spot else None,
+    tags=spec.tags,
+    volume_tags=spec.tags,
+    # A looked-up image changes with every Canonical build; that must not replace the server.
+    opts=pulumi.ResourceOptions(ignore_changes=[] if spec.image_id else ["ami"]),
+)
+
+# --- Exports -----------------------------------------------------------------
+
+pulumi.export("instanceId", instance.id)
+pulumi.export("publicIp", instance.public_ip)
+pulumi.export("privateIp", instance.private_ip)
+pulumi.export("username", spec.username)
+pulumi.export("serverName", spec.server_name)
