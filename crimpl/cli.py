@@ -133,10 +133,13 @@ def preview(c, stack=None, provisioner=None):
 def destroy(c, stack=None, provisioner=None, yes=False):
     """Delete the stack's server and everything crimpl created for it."""
     settings = _stack_settings(stack)
-    _confirm(yes, f"Destroy the server of stack {settings.name} ({settings.server_name}) and its disk?")
-    if _provisioner(provisioner) == "pulumi":
+    provisioner = _provisioner(provisioner)
+    if provisioner == "pulumi":
         from . import stack as stacks
 
+        stacks.pulumi_cli()  # say the CLI is missing before asking anything
+    _confirm(yes, f"Destroy the server of stack {settings.name} ({settings.server_name}) and its disk?")
+    if provisioner == "pulumi":
         stacks.destroy(settings, on_output=print)
         return
     from .server import AWSEC2
@@ -217,7 +220,7 @@ def status(c, stack=None, instance_id=None, server=None):
 
 @crimpl_task(name="list")
 def list_(c):
-    """List every crimpl server not yet terminated, with its estimated cost."""
+    """List crimpl servers not yet terminated, with estimated cost."""
     from .server import list_instances
 
     rows = list_instances()
