@@ -320,6 +320,8 @@ class Sandbox:
         self.interval = interval
         self.user = getpass.getuser()
         self.sshds = {}
+        # A stale env.sh would point at a server that is gone; it reappears once this one is up.
+        (self.dir / "env.sh").unlink(missing_ok=True)
 
     def start(self):
         self.moto = MotoServer(self.dir).start()

@@ -131,3 +131,15 @@ def test_the_local_stack_runs_the_same_job_with_no_account(project, tmp_path):
     assert "words in 3 files" in run("logs", "--follow").stdout
     assert run("fetch", "results/summary.txt", "--dest", "summary.txt").returncode == 0
     assert "words in 3 files" in (project / "summary.txt").read_text()
+
+
+def test_readme_first_command_runs_the_demo_job_end_to_end(tmp_path):
+    dest = tmp_path / "demo-results"
+    result = subprocess.run(
+        [sys.executable, "-m", "invoke", "demo", "--dest", str(dest)],
+        cwd=REPO, env={**os.environ, "CRIMPL_HOME": str(tmp_path / "home")},
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "complete" in result.stdout
+    assert (dest / "results" / "summary.txt").read_text() == "72 words in 3 files\n"
