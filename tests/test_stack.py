@@ -170,6 +170,13 @@ def test_the_example_documents_every_key_with_a_comment():
     assert any("EDIT" in line and "keyFile" in lines[i + 1] for i, line in enumerate(lines[:-1]))
 
 
+def test_the_project_file_runs_crimpls_program():
+    project = yaml.safe_load((ROOT / "Pulumi.yaml").read_text())
+    assert project["name"] == "crimpl"
+    assert project["runtime"]["name"] == "python"
+    assert (ROOT / project["main"] / "__main__.py").is_file()
+
+
 def test_spec_for_stack_is_the_shared_instance_spec(project):
     settings = stack.read_stack("dev", project)
     spec = stack.spec_for_stack(settings, ssh_cidrs=[CALLER])
