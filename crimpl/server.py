@@ -389,10 +389,11 @@ def terminate_all(confirm=True, region=None, ec2_client=None, ask=input):
         if answer.strip().lower() != "yes":
             say("nothing terminated")
             return []
-    for row in rows:
-        AWSEC2(row.instance_id, ec2_client=client).terminate(wait=False)
-    for row in rows:
-        server = AWSEC2(row.instance_id, ec2_client=client)
+    servers = [AWSEC2(row.instance_id, ec2_client=client) for row in rows]
+    # Ask for every termination first, then wait: they proceed in parallel.
+    for server in servers:
+        server.terminate(wait=False)
+    for server in servers:
         server.terminate(wait=True)
     return [r.instance_id for r in rows]
 
