@@ -28,6 +28,7 @@ server's shutdown command after the script ended (unless it was killed), and
 the instance's shutdown behaviour decides stop or terminate.
 """
 
+import contextlib
 import json
 import secrets
 import shlex
@@ -324,13 +325,23 @@ class Job:
         :raises JobError: if ``timeout`` seconds pass first.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            status = self.status()
-            if status.state not in ("running", "unknown"):
-                return status
-            if deadline is not None and time.monotonic() >= deadline:
-                raise JobError(f"job {self.job_name} still {status.state} after {timeout:.0f} s")
-            time.sleep(interval)
+        with contextlib.ExitStack() as held:
+            conn = None
+            while True:
+                # One connection for every poll; a new one only after it failed.
+                try:
+                    if conn is None:
+                        conn = held.enter_context(self.server.session(start=False))
+                    status = read_statuses(conn, self.server.job_root, [self.job_name])[self.job_name]
+                except CrimplError as exc:
+                    conn = None
+                    held.close()
+                    status = JobStatus("unknown", detail=str(exc))
+                if status.state not in ("running", "unknown"):
+                    return status
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise JobError(f"job {self.job_name} still {status.state} after {timeout:.0f} s")
+                time.sleep(interval)
 
     def logs(self, follow=False, stream=None):
         """Return the job's log; with ``follow=True`` also stream it to ``stream``

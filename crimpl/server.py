@@ -331,6 +331,18 @@ class Local(JobsMixin):
     def _prepare_on_complete(self, on_complete):
         raise JobError("on_complete needs an EC2 server: the local target never shuts this machine down")
 
+    def start(self, wait=True):
+        """The local target is always running: nothing to do."""
+        return self
+
+    def stop(self, wait=True):
+        """Refused: crimpl never stops this machine."""
+        raise InstanceStateError("the local target is this machine: crimpl never stops it")
+
+    def terminate(self, wait=True):
+        """Refused: crimpl never terminates this machine."""
+        raise InstanceStateError("the local target is this machine: crimpl never terminates it")
+
 
 # ---------------------------------------------------------------------------
 # Every crimpl instance of the account

@@ -131,6 +131,9 @@ def test_the_local_stack_runs_the_same_job_with_no_account(project, tmp_path):
     assert "words in 3 files" in run("logs", "--follow").stdout
     assert run("fetch", "results/summary.txt", "--dest", "summary.txt").returncode == 0
     assert "words in 3 files" in (project / "summary.txt").read_text()
+    refused = run("stop")
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == "crimpl: error: the local target is this machine: crimpl never stops it"
 
 
 def test_readme_first_command_runs_the_demo_job_end_to_end(tmp_path):
