@@ -207,7 +207,7 @@ def terminate(c, stack=None, instance_id=None, server=None, yes=False):
 
 @crimpl_task
 def status(c, stack=None, instance_id=None, server=None):
-    """Show the server's name, id, state, type and address (no SSH needed)."""
+    """Show the server's name, id, state, type and IP (no SSH needed)."""
     target = resolve_server(stack, instance_id, server)
     if target.instanceId == "local":
         print(f"local: jobs in {target.job_root}; latest job: {target.job_status}")

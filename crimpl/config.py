@@ -340,7 +340,8 @@ def build_spec(config, *, nprocs=None, server_name=None, host_key=None, instance
             raise ConfigError("give nprocs (processors wanted) or InstanceType")
         chosen_type = pricing.instance_type_for(nprocs)
     elif nprocs is not None:
-        pricing.instance_type_for(nprocs)  # still reject a nonsensical nprocs
+        # Still reject a nonsensical nprocs, but not one beyond the table: the type is the user's choice.
+        pricing.check_nprocs(nprocs)
     private, public = host_key or generate_host_key()
     cidrs = tuple(_validate_cidr(c) for c in ssh_cidrs) if ssh_cidrs else (config.ssh_cidrs or ())
     return InstanceSpec(

@@ -66,16 +66,21 @@ TABLE = {row[0]: InstanceType(*row) for row in _ROWS}
 _BURSTABLE_PREFIXES = ("t2.", "t3.", "t3a.", "t4g.")
 
 
+def check_nprocs(nprocs):
+    """Raise :class:`ConfigError` unless ``nprocs`` is a positive integer (the table is not consulted)."""
+    if isinstance(nprocs, bool) or not isinstance(nprocs, int):
+        raise ConfigError(f"nprocs must be a whole number of processors, got {nprocs!r}")
+    if nprocs < 1:
+        raise ConfigError(f"nprocs must be at least 1, got {nprocs}")
+
+
 def instance_type_for(nprocs):
     """Return the name of the cheapest non-burstable type with at least ``nprocs`` vCPUs.
 
     :raises ConfigError: if ``nprocs`` is not a positive integer or exceeds the largest type.
     """
-    if isinstance(nprocs, bool) or not isinstance(nprocs, int):
-        raise ConfigError(f"nprocs must be a whole number of processors, got {nprocs!r}")
+    check_nprocs(nprocs)
     largest = max(t.vcpus for t in TABLE.values())
-    if nprocs < 1:
-        raise ConfigError(f"nprocs must be at least 1, got {nprocs}")
     if nprocs > largest:
         raise ConfigError(
             f"nprocs={nprocs} is more than the largest instance type offers ({largest} vCPUs); "
