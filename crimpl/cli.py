@@ -91,7 +91,7 @@ def resolve_server(stack=None, instance_id=None, server=None):
 
 @crimpl_task(help={"provisioner": "pulumi (default) or boto3"})
 def up(c, stack=None, provisioner=None):
-    """Create the stack's server, or do nothing if it exists (pulumi up)."""
+    """Create the stack's server; a no-op if it exists (pulumi up)."""
     settings = _stack_settings(stack)
     provisioner = _provisioner(provisioner)
     if provisioner == "pulumi":
@@ -155,7 +155,7 @@ def destroy(c, stack=None, provisioner=None, yes=False):
 
 @crimpl_task
 def refresh(c, stack=None):
-    """Read the real state of the stack's resources into Pulumi's state (pulumi refresh)."""
+    """Update Pulumi's state from what really exists (pulumi refresh)."""
     from . import stack as stacks
 
     stacks.refresh(_stack_settings(stack), on_output=print)
