@@ -21,14 +21,14 @@ def test(c):
 
 @task(help={"delay_ms": "added latency each way in ms (0: raw loopback)", "runs": "runs per case"})
 def bench(c, delay_ms=20, runs=3):
-    """Benchmark transfers against tar|ssh, rsync and scp (see docs/benchmarks.md)."""
+    """Benchmark transfers against tar|ssh, rsync and scp."""
     c.run(f"python benchmarks/bench_transfer.py --delay-ms {delay_ms} --runs {runs} "
           "--json benchmarks/results/latest.json")
 
 
 @task(help={"dest": "where the results land (default: demo-results/)"})
 def demo(c, dest="demo-results"):
-    """Run a real job end to end on this machine (no AWS account needed)."""
+    """Run a real job end to end here, with no AWS account."""
     server = crimpl.Local()
     job = server.submit_script("examples/demo/run.sh", files=["examples/demo/data"],
                                job_name=f"demo-{uuid.uuid4().hex[:6]}")
@@ -44,7 +44,7 @@ def demo(c, dest="demo-results"):
 
 @task(help={"minutes": "stop by itself after this long", "stack": "write Pulumi.<stack>.yaml for it"})
 def sandbox(c, minutes=60, stack="sandbox"):
-    """Run a loopback EC2 endpoint and sshd for trying crimpl; see README."""
+    """Serve a loopback EC2 endpoint and sshd to try crimpl."""
     c.run(f"python tests/sandbox.py --dir /tmp/crimpl-sandbox --minutes {minutes} "
           f"--stack-file Pulumi.{stack}.yaml", pty=False)
 
