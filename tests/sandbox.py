@@ -365,8 +365,11 @@ class Sandbox:
                     continue
                 if iid not in self.sshds:
                     attr = ec2.describe_instance_attribute(InstanceId=iid, Attribute="userData")
-                    user_data = base64.b64decode(attr["UserData"]["Value"]).decode()
-                    private, _ = host_key_from_user_data(user_data)
+                    value = attr.get("UserData", {}).get("Value")
+                    host_key = host_key_from_user_data(base64.b64decode(value).decode() if value else "")
+                    if host_key is None:
+                        continue  # no host key in its user data: cloud-init would not start sshd either
+                    private, _ = host_key
                     self.sshds[iid] = Sshd(self.dir / f"sshd-{iid}", private,
                                            self.key.with_suffix(".pub").read_text()).start()
                 for address in (inst.get("PublicIpAddress"), inst.get("PrivateIpAddress")):
