@@ -547,6 +547,20 @@ def test_archive_entries_escaping_the_destination_are_refused(evil, tmp_path):
     assert not Path("/tmp/absolute.txt").exists()
 
 
+@pytest.mark.parametrize("evil", [
+    [member("a", tarfile.SYMTYPE, "l/.."), member("l", tarfile.SYMTYPE, ".")],
+    [member("l", tarfile.SYMTYPE, "."), member("l/escaped.txt")],
+], ids=["link chain", "write through a link"])
+def test_archive_links_combined_to_escape_are_refused(evil, tmp_path):
+    inside = tmp_path / "inside"
+    inside.mkdir()
+
+    with pytest.raises(TransferError, match="refusing"):
+        transfer.safe_extract(tar_bytes(*[(m, b"") for m in evil]), inside)
+
+    assert not (tmp_path / "escaped.txt").exists()
+
+
 def test_safe_archive_unpacks_with_links_inside(tmp_path):
     archive = tar_bytes((member("sub/data.txt"), b"data"),
                         (member("sub/link", tarfile.SYMTYPE, "data.txt"), b""))
