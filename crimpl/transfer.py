@@ -122,7 +122,9 @@ class _ChannelStream:
         self.channel = channel
 
     def send(self, data):
-        self.channel.sendall(data)
+        # sendall slices what is left after each packet; on a memoryview that
+        # slice is free, on bytes it copies the rest of the chunk every 32 KiB.
+        self.channel.sendall(memoryview(data))
 
     def recv(self, size):
         return self.channel.recv(size)
@@ -251,6 +253,9 @@ class _Progress:
         self.files = 0
         self.started = time.monotonic()
         self.console = None if quiet else Console()
+        # Asked once: isatty() is a system call, and system calls are where a
+        # busy paramiko thread makes this one wait for the GIL.
+        self.display = self.console is not None and self.console.is_terminal
         self.bar = None
         self.task = None
 
@@ -260,8 +265,7 @@ class _Progress:
         if self.callback is not None:
             self.callback(self.bytes, self.total_bytes)
         if self.bar is None:
-            if (self.console is None or not self.console.is_terminal
-                    or time.monotonic() - self.started < DISPLAY_DELAY):
+            if not self.display or time.monotonic() - self.started < DISPLAY_DELAY:
                 return
             self._start_bar()
         # Tar headers make the byte count run slightly past the content total.
@@ -302,17 +306,29 @@ class _StreamWriter:
 
 
 class _StreamReader:
-    """File-like object that tarfile reads from; short reads are fine for tarfile."""
+    """File-like object that tarfile reads from; short reads are fine for tarfile.
+
+    It takes everything the stream has buffered in one ``recv``: paramiko keeps
+    received data in an array and deletes what is read from its front, so many
+    small reads from a full 64 MiB window move the rest of it each time.
+    """
 
     def __init__(self, stream, progress=None):
         self.stream = stream
         self.progress = progress
+        self.data = b""
+        self.pos = 0
 
     def read(self, size=CHUNK):
-        data = self.stream.recv(min(size, CHUNK) if size and size > 0 else CHUNK)
-        if self.progress is not None and data:
-            self.progress.advance(len(data))
-        return data
+        if self.pos >= len(self.data):
+            self.data = self.stream.recv(WINDOW_SIZE)
+            self.pos = 0
+            if self.progress is not None and self.data:
+                self.progress.advance(len(self.data))
+        size = size if size is not None and size >= 0 else len(self.data)
+        chunk = self.data[self.pos:self.pos + size]
+        self.pos += len(chunk)
+        return chunk
 
 
 # --------------------------------------------------------------------------- upload
@@ -972,8 +988,10 @@ def safe_extract(fileobj, directory, *, on_member=None):
             on_member(kept)
         return kept.replace(mode=0o700, deep=False) if kept.isdir() else kept
 
-    with tarfile.open(fileobj=fileobj, mode="r|", bufsize=CHUNK, errorlevel=2,
-                      encoding="utf-8", errors="surrogateescape") as tar:
+    # tarfile's stream copies its unread buffer on every read, so a small buffer
+    # keeps 512-byte header reads cheap, while file data is copied in large pieces.
+    with tarfile.open(fileobj=fileobj, mode="r|", bufsize=64 * 1024, copybufsize=CHUNK,
+                      errorlevel=2, encoding="utf-8", errors="surrogateescape") as tar:
         tar.extractall(directory, filter=check)
     root = os.path.realpath(directory)
     for member in members:
