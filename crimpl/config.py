@@ -159,8 +159,13 @@ def _configs_dir():
     return path
 
 
+def is_valid_name(name):
+    """Return True if ``name`` may name a config, a server or a job."""
+    return isinstance(name, str) and bool(_NAME.match(name))
+
+
 def _check_name(name, what):
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not is_valid_name(name):
         raise ConfigError(
             f"{what} {name!r} is not valid: use letters, digits, '.', '_' and '-' "
             "(at most 63 characters, starting with a letter or digit)"

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import _NAME
+from .config import is_valid_name
 from .errors import CrimplError, JobError, ScriptFailedError, SSHError
 
 STATES = ("not-submitted", "running", "complete", "failed", "killed", "unknown")
@@ -184,7 +184,7 @@ def new_job_name(entry):
 
 def check_job_name(name):
     """Raise :class:`JobError` unless ``name`` is a valid job name."""
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not is_valid_name(name):
         raise JobError(f"job name {name!r} is not valid: use letters, digits, '.', '_' and '-'")
 
 
