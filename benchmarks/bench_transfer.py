@@ -188,7 +188,9 @@ def scenario_first_upload(box, data, runs, scp_cap):
             timeout=scp_cap),
     }
     remote.mkdir(parents=True)
-    return measure(tools, runs, once={"scp"}, cleanup=lambda: fresh(remote).mkdir(parents=True))
+    times = measure(tools, runs, once={"scp"})
+    fresh(remote)
+    return times
 
 
 def scenario_reupload(box, data, runs):
@@ -261,11 +263,18 @@ def scenario_fetch(box, data, runs, scp_cap):
             timeout=scp_cap),
     }
     local.mkdir(parents=True)
-    return measure(tools, runs, once={"scp"}, cleanup=lambda: fresh(local).mkdir(parents=True))
+    times = measure(tools, runs, once={"scp"})
+    fresh(local)
+    return times
 
 
 def measure(tools, runs, once=(), before_run=None, cleanup=None):
-    """Run every tool ``runs`` times, alternating tools; return ``{tool: [seconds or None]}``."""
+    """Run every tool ``runs`` times, alternating tools; return ``{tool: [seconds or None]}``.
+
+    :param once: tools that run in the first round only.
+    :param before_run: called with the run index before each round (not timed).
+    :param cleanup: called after each round (not timed).
+    """
     times = {name: [] for name in tools}
     for i in range(runs):
         if before_run is not None:
@@ -273,6 +282,9 @@ def measure(tools, runs, once=(), before_run=None, cleanup=None):
         for name, make in tools.items():
             if name in once and i > 0:
                 continue
+            # Start every timing with no dirty pages: the disk flushing the
+            # previous tool's files would otherwise slow down the next one.
+            os.sync()
             times[name].append(timed(make(i)))
             print(f"    {name:8s} run {i + 1}: {fmt(times[name][-1])}", flush=True)
         if cleanup is not None:

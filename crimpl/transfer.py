@@ -433,14 +433,18 @@ def _scan_sources(sources):
             raise TransferError(f"cannot upload {source}: names starting with "
                                 f"{RESERVED_PREFIX!r} are reserved for crimpl")
         names.append(name)
-        st = os.stat(source)  # a source that is a symlink is followed on purpose
-        if stat.S_ISDIR(st.st_mode):
-            entries[name] = _entry(source, st, "d")
-            _walk(source, name, [], entries)
-        elif stat.S_ISREG(st.st_mode):
-            entries[name] = _entry(source, st, "f")
-        else:
-            raise TransferError(f"cannot upload {source}: not a regular file or directory")
+        try:
+            st = os.stat(source)  # a source that is a symlink is followed on purpose
+            if stat.S_ISDIR(st.st_mode):
+                entries[name] = _entry(source, st, "d")
+                _walk(source, name, [], entries)
+            elif stat.S_ISREG(st.st_mode):
+                entries[name] = _entry(source, st, "f")
+            else:
+                raise TransferError(f"cannot upload {source}: not a regular file or directory")
+        except OSError as exc:
+            raise TransferError(f"cannot upload {exc.filename or source}: {exc.strerror} "
+                                "(nothing was sent)") from exc
     return names, entries
 
 
