@@ -385,6 +385,18 @@ def test_directory_download_is_recursive(target, outputs, tmp_path):
     assert report.files_sent == 3
 
 
+def test_downloading_into_an_existing_folder_merges(target, outputs, tmp_path):
+    dest = tmp_path / "dest"
+    write(dest / "out" / "mine.txt", "local only\n")
+    write(dest / "out" / "x.dat", "x\n")
+
+    report = transfer.download(target(), str(outputs), "out", str(dest), quiet=True)
+
+    assert (dest / "out" / "mine.txt").read_text() == "local only\n"
+    assert (dest / "out" / "sub" / "z.dat").read_text() == "z\n"
+    assert (report.files_sent, report.files_skipped, report.replaced) == (3, 1, [])
+
+
 def test_list_of_paths_downloads_each(target, outputs, tmp_path):
     dest = tmp_path / "dest"
 
