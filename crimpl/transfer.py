@@ -940,6 +940,16 @@ def _download_error(status, stderr, where, patterns):
     return TransferError(f"{', '.join(missing)} {verb} nothing in {where}; {holds}")
 
 
+class _TarFile(tarfile.TarFile):
+    """TarFile that never changes ownership: files belong to whoever downloads them.
+
+    (tarfile would call ``chown`` for every file when running as root.)
+    """
+
+    def chown(self, tarinfo, targetpath, numeric_owner):
+        pass
+
+
 def safe_extract(fileobj, directory, *, on_member=None):
     """Unpack a tar stream into ``directory``, refusing anything that would escape it.
 
@@ -994,8 +1004,8 @@ def safe_extract(fileobj, directory, *, on_member=None):
 
     # tarfile's stream copies its unread buffer on every read, so a small buffer
     # keeps 512-byte header reads cheap, while file data is copied in large pieces.
-    with tarfile.open(fileobj=fileobj, mode="r|", bufsize=64 * 1024, copybufsize=CHUNK,
-                      errorlevel=2, encoding="utf-8", errors="surrogateescape") as tar:
+    with _TarFile.open(fileobj=fileobj, mode="r|", bufsize=64 * 1024, copybufsize=CHUNK,
+                       errorlevel=2, encoding="utf-8", errors="surrogateescape") as tar:
         tar.extractall(directory, filter=check)
     root = os.path.realpath(directory)
     for member in members:

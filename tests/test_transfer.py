@@ -24,7 +24,7 @@ import pytest
 from crimpl import transfer
 from crimpl.errors import TransferError
 from crimpl.hostkeys import generate_host_key
-from sandbox import Sshd, make_client_key
+from sandbox import Sshd, make_client_key, wait_until
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -316,7 +316,9 @@ def test_upload_killed_midway_leaves_nothing_half_done_and_a_retry_completes(
     src = tmp_path / "src"
     write(src / "small.txt", "version 1\n")
     remote = tmp_path / "remote"
-    transfer.upload(connect(), [src], str(remote), quiet=True)
+    first = connect()
+    transfer.upload(first, [src], str(remote), quiet=True)
+    first.close()
     manifest_before = (remote / transfer.MANIFEST).read_bytes()
 
     write(src / "small.txt", "version 2, longer\n")
@@ -338,6 +340,8 @@ def test_upload_killed_midway_leaves_nothing_half_done_and_a_retry_completes(
     assert (remote / "src" / "small.txt").read_text() == "version 1\n"
     assert not (remote / "src" / "big.bin").exists()
     assert (remote / transfer.MANIFEST).read_bytes() == manifest_before
+    # Let the interrupted session end, so the retry is not racing its tar.
+    wait_until(lambda: not session_pids(sshd.process.pid), timeout=30, what="old session ends")
 
     retry = transfer.upload(connect(), [src], str(remote), quiet=True)
 
