@@ -263,17 +263,18 @@ def jobs(c, stack=None, instance_id=None, server=None):
         print(f"{name:40} {job_status}  started {job_status.started or '-'}  ended {job_status.ended or '-'}")
 
 
-@crimpl_task(help={"job": "job name (default: the latest)", "follow": "stream until the job ends"})
+@crimpl_task(help={"job": "job name (default: the latest)",
+                   "follow": "stream until the job ends; exit 1 unless it completed"})
 def logs(c, job=None, follow=False, stack=None, instance_id=None, server=None):
     """Print a job's output (stdout and stderr)."""
     found = resolve_server(stack, instance_id, server).get_job(job)
-    if follow:
-        found.logs(follow=True, stream=sys.stdout)
-    else:
-        sys.stdout.write(found.logs())
-    final = found.status()
     if not follow:
+        sys.stdout.write(found.logs())
         return
+    found.logs(follow=True, stream=sys.stdout)
+    final = found.wait(interval=1.0)
+    if final.state != "complete":
+        raise Exit(f"crimpl: {found.job_name} {final}", code=1)
     print(f"crimpl: {found.job_name} {final}", file=sys.stderr)
 
 

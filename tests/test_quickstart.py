@@ -131,6 +131,12 @@ def test_the_local_stack_runs_the_same_job_with_no_account(project, tmp_path):
     assert "words in 3 files" in run("logs", "--follow").stdout
     assert run("fetch", "results/summary.txt", "--dest", "summary.txt").returncode == 0
     assert "words in 3 files" in (project / "summary.txt").read_text()
+    (project / "fail.sh").write_text("echo going down\nexit 5\n")
+    assert run("submit", "fail.sh").returncode == 0
+    followed = run("logs", "--follow")
+    assert followed.returncode == 1
+    assert "going down" in followed.stdout
+    assert followed.stderr.strip().endswith("failed (exit code 5)")
     refused = run("stop")
     assert refused.returncode == 1
     assert refused.stderr.strip() == "crimpl: error: the local target is this machine: crimpl never stops it"
