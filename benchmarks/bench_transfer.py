@@ -326,7 +326,7 @@ def machine():
     }
 
 
-def summarise(results, scp_cap):
+def summarise(results):
     """Rows: scenario, medians per tool, best peer, ratio to best peer, target check."""
     rows = []
     mib = BIG_SIZE / 2**20
@@ -421,7 +421,7 @@ def main(argv=None):
     finally:
         box.close()
 
-    rows = summarise(results, args.scp_cap)
+    rows = summarise(results)
     tools = ["crimpl", "tar|ssh", "cat|ssh", "rsync", "scp"]
     print()
     print(f"medians of {args.runs} runs, +{args.delay_ms:g} ms each way; scp -r on 2,000 files: one run, "

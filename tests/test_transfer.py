@@ -124,10 +124,6 @@ def make_tree(root):
     return root
 
 
-def sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def session_pids(listener_pid):
     """Every process below the sshd listener: the per-connection sshd, its shell, tar."""
     children = {}
