@@ -22,7 +22,6 @@ Everything lives in a temporary folder under /tmp, removed at the end.
 """
 
 import argparse
-import base64
 import getpass
 import json
 import os
@@ -37,7 +36,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import fabric
 import paramiko
 
 HERE = Path(__file__).resolve().parent
@@ -45,7 +43,7 @@ ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(HERE)]
 
 import latency_proxy  # noqa: E402
-from crimpl import transfer  # noqa: E402
+from crimpl import hostkeys, ssh, transfer  # noqa: E402
 from crimpl.hostkeys import generate_host_key  # noqa: E402
 from sandbox import Sshd, make_client_key  # noqa: E402
 
@@ -86,13 +84,8 @@ class Sandbox:
 
     def connection(self):
         """A fresh fabric Connection through the proxy that verifies the pinned host key."""
-        conn = fabric.Connection(host="127.0.0.1", port=self.port, user=getpass.getuser(),
-                                 connect_kwargs={"key_filename": str(self.key)})
-        conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        key_type, blob = self.host_public.split()[:2]
-        conn.client.get_host_keys().add(
-            f"[127.0.0.1]:{self.port}", key_type,
-            paramiko.PKey.from_type_string(key_type, base64.b64decode(blob)))
+        conn = ssh.connection("127.0.0.1", getpass.getuser(), self.key, "bench-sshd",
+                              expected_key=hostkeys.key_from_line(self.host_public), port=self.port)
         return conn
 
     def close(self):

@@ -98,11 +98,17 @@ def pinned_key(instance_id):
     return entry.get(HOST_KEY_TYPE) or next(iter(entry.values()))
 
 
+def key_from_line(public_line):
+    """Return the :class:`paramiko.PKey` of an OpenSSH public key line (``ssh-ed25519 AAAA...``)."""
+    key_type, blob = public_line.split()[:2]
+    return paramiko.PKey.from_type_string(key_type, base64.b64decode(blob))
+
+
 def pin(instance_id, public_line):
     """Record ``public_line`` as the host key of ``instance_id``, replacing any earlier pin."""
     keys = _load()
-    key_type, blob = public_line.split()[:2]
-    keys[instance_id] = {key_type: paramiko.PKey.from_type_string(key_type, base64.b64decode(blob))}
+    key = key_from_line(public_line)
+    keys[instance_id] = {key.get_name(): key}
     _save(keys)
 
 

@@ -79,7 +79,7 @@ class PinnedHostKeyPolicy(paramiko.MissingHostKeyPolicy):
 
 
 def connection(host, user, key_file, instance_id, *, ssh_config=None, expected_key=None,
-               accept_new=False):
+               accept_new=False, port=None):
     """Return an unopened fabric :class:`~fabric.Connection` that verifies the pinned host key.
 
     :param host: address or ssh-config alias of the instance.
@@ -89,6 +89,7 @@ def connection(host, user, key_file, instance_id, *, ssh_config=None, expected_k
     :param ssh_config: OpenSSH config file to honour (ProxyJump, HostName, Port ...).
     :param expected_key: the pinned key; looked up in ``$CRIMPL_HOME/known_hosts`` when None.
     :param accept_new: pin the first key seen if none is pinned.
+    :param port: SSH port, when neither 22 nor the ssh config's.
     """
     path = ssh_config_file(ssh_config)
     config = Config(runtime_ssh_path=path) if path else Config()
@@ -99,7 +100,7 @@ def connection(host, user, key_file, instance_id, *, ssh_config=None, expected_k
         # would otherwise offer whichever type paramiko prefers.
         others = [k for k in paramiko.Transport._preferred_keys if k != expected.get_name()]
         connect_kwargs["disabled_algorithms"] = {"keys": others}
-    conn = Connection(host, user=user, config=config, connect_timeout=CONNECT_TIMEOUT,
+    conn = Connection(host, user=user, port=port, config=config, connect_timeout=CONNECT_TIMEOUT,
                       connect_kwargs=connect_kwargs)
     # fabric accepts unknown host keys by default; crimpl never does.
     conn.client = paramiko.SSHClient()

@@ -277,30 +277,34 @@ def instance_host_key(instance_id, endpoint_env):
 # The sandbox as a service: `python tests/sandbox.py --dir DIR` (or `invoke sandbox`)
 
 
-class _CheckIP:
-    """A loopback stand-in for checkip.amazonaws.com that answers 127.0.0.1."""
+class CheckIP:
+    """A loopback stand-in for checkip.amazonaws.com: answers every GET with ``body``."""
 
-    def __init__(self):
+    def __init__(self, body="127.0.0.1\n"):
         import http.server
         import threading
 
+        data = body.encode()
+
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - http.server's naming
-                body = b"127.0.0.1\n"
                 self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(data)
 
             def log_message(self, *args):
                 pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
 
     def stop(self):
         self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
 
 
 class Sandbox:
@@ -325,7 +329,7 @@ class Sandbox:
 
     def start(self):
         self.moto = MotoServer(self.dir).start()
-        self.checkip = _CheckIP()
+        self.checkip = CheckIP()
         self.key = make_client_key(self.dir)
         self.routes = SSHRoutes(self.dir / "ssh_config")
         self.env = {**self.moto.environ(), "CRIMPL_SSH_CONFIG": str(self.routes.path),

@@ -20,7 +20,7 @@ import urllib.request
 
 import boto3
 import pytest
-from sandbox import NEWEST_UBUNTU_LTS, free_port
+from sandbox import NEWEST_UBUNTU_LTS, CheckIP, free_port
 
 import crimpl
 from crimpl import (AWSEC2, AWSEC2_Config, AWSError, ConfigError, InstanceNotFoundError,
@@ -106,25 +106,14 @@ def checkip(monkeypatch):
     servers = []
 
     def serve(body):
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                data = body.encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        server = _Serve(Handler)
+        server = CheckIP(body)
         servers.append(server)
-        monkeypatch.setenv("CRIMPL_CHECKIP_URL", server.url + "/")
+        monkeypatch.setenv("CRIMPL_CHECKIP_URL", server.url)
         return server
 
     yield serve
     for server in servers:
-        server.close()
+        server.stop()
 
 
 @pytest.fixture

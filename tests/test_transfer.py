@@ -5,7 +5,6 @@ directly on disk. Every test that makes sense for both targets runs twice: over
 SSH (a fabric Connection with the host key pinned) and with an invoke.Context.
 """
 
-import base64
 import getpass
 import hashlib
 import io
@@ -16,12 +15,10 @@ import stat
 import tarfile
 from pathlib import Path
 
-import fabric
 import invoke
-import paramiko
 import pytest
 
-from crimpl import transfer
+from crimpl import hostkeys, ssh, transfer
 from crimpl.errors import TransferError
 from crimpl.hostkeys import generate_host_key
 from sandbox import Sshd, make_client_key, wait_until
@@ -49,13 +46,8 @@ def connect(sshd):
     opened = []
 
     def make():
-        conn = fabric.Connection(host="127.0.0.1", port=sshd.port, user=getpass.getuser(),
-                                 connect_kwargs={"key_filename": str(sshd.client_key)})
-        conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        key_type, blob = sshd.host_public.split()[:2]
-        conn.client.get_host_keys().add(
-            f"[127.0.0.1]:{sshd.port}", key_type,
-            paramiko.PKey.from_type_string(key_type, base64.b64decode(blob)))
+        conn = ssh.connection("127.0.0.1", getpass.getuser(), sshd.client_key, "test-sshd",
+                              expected_key=hostkeys.key_from_line(sshd.host_public), port=sshd.port)
         opened.append(conn)
         return conn
 
