@@ -277,12 +277,29 @@ def instance_host_key(instance_id, endpoint_env):
 # The sandbox as a service: `python tests/sandbox.py --dir DIR` (or `invoke sandbox`)
 
 
-class CheckIP:
+class LoopbackHTTPServer:
+    """A small HTTP server on 127.0.0.1 in a thread; ``handler`` is a BaseHTTPRequestHandler class."""
+
+    def __init__(self, handler):
+        import http.server
+        import threading
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+
+class CheckIP(LoopbackHTTPServer):
     """A loopback stand-in for checkip.amazonaws.com: answers every GET with ``body``."""
 
     def __init__(self, body="127.0.0.1\n"):
         import http.server
-        import threading
 
         data = body.encode()
 
@@ -296,15 +313,8 @@ class CheckIP:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(10)
+        super().__init__(Handler)
+        self.url += "/"
 
 
 class Sandbox:

@@ -13,14 +13,13 @@ import re
 import stat
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 
 import boto3
 import pytest
-from sandbox import NEWEST_UBUNTU_LTS, CheckIP, free_port
+from sandbox import NEWEST_UBUNTU_LTS, CheckIP, LoopbackHTTPServer, free_port
 
 import crimpl
 from crimpl import (AWSEC2, AWSEC2_Config, AWSError, ConfigError, InstanceNotFoundError,
@@ -85,21 +84,6 @@ def one_line(exc_info):
     return message
 
 
-class _Serve:
-    """A tiny HTTP server on 127.0.0.1 in a thread; ``handler`` is a BaseHTTPRequestHandler class."""
-
-    def __init__(self, handler):
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(10)
-
-
 @pytest.fixture
 def checkip(monkeypatch):
     """Serve a fixed answer as the caller's public address and point CRIMPL_CHECKIP_URL at it."""
@@ -146,11 +130,11 @@ def recorder(aws, monkeypatch):
         def log_message(self, *args):
             pass
 
-    server = _Serve(Handler)
+    server = LoopbackHTTPServer(Handler)
     monkeypatch.setenv("AWS_ENDPOINT_URL", server.url)
     server.actions = actions
     yield server
-    server.close()
+    server.stop()
 
 
 def after(actions, action):

@@ -40,6 +40,22 @@ def sshd(tmp_path_factory):
     server.stop()
 
 
+def cut_after_first_mib(conn, how, sshd):
+    """Return a transfer callback that breaks the connection once 1 MiB has moved.
+
+    :param how: "client drops the connection", or anything else to kill the server's sessions.
+    """
+
+    def interrupt(done, total):
+        if done > 2**20:
+            if how == "client drops the connection":
+                conn.client.get_transport().close()
+            else:
+                kill_sessions(sshd)
+
+    return interrupt
+
+
 @pytest.fixture
 def connect(sshd):
     """Return a factory of fresh, unopened fabric Connections that verify the host key."""
@@ -313,13 +329,7 @@ def test_upload_killed_midway_leaves_nothing_half_done_and_a_retry_completes(
     with open(src / "big.bin", "wb") as handle:
         handle.truncate(200 * 2**20)  # sparse: cheap to make, still 200 MiB to send
     conn = connect()
-
-    def interrupt(done, total):
-        if done > 2**20:
-            if how == "client drops the connection":
-                conn.client.get_transport().close()
-            else:
-                kill_sessions(sshd)
+    interrupt = cut_after_first_mib(conn, how, sshd)
 
     with pytest.raises(TransferError, match="retry"):
         transfer.upload(conn, [src], str(remote), quiet=True, callback=interrupt)
@@ -491,13 +501,7 @@ def test_download_killed_midway_leaves_nothing_locally(connect, sshd, outputs, t
         handle.truncate(300 * 2**20)  # bigger than the SSH window, so it cannot all be in flight
     conn = connect()
     dest = tmp_path / "dest"
-
-    def interrupt(done, total):
-        if done > 2**20:
-            if how == "client drops the connection":
-                conn.client.get_transport().close()
-            else:
-                kill_sessions(sshd)
+    interrupt = cut_after_first_mib(conn, how, sshd)
 
     with pytest.raises(TransferError, match="nothing was written"):
         transfer.download(conn, str(outputs), "out", str(dest), quiet=True, callback=interrupt)
