@@ -121,6 +121,7 @@ def unpin(instance_id):
 
 
 def _save(keys):
-    lines = [entry.to_line() for entry in keys._entries if entry.to_line()]
+    lines = [f"{host} {key_type} {key.get_base64()}\n"
+             for host in keys for key_type, key in keys[host].items()]
     write_private_file(known_hosts_path(), "".join(lines))
 

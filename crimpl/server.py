@@ -62,7 +62,9 @@ class AWSEC2(JobsMixin):
     def ec2_client(self):
         """The boto3 EC2 client, created on first use."""
         if self._ec2 is None:
-            self._ec2 = ec2.client(_region_of(self._config))
+            # With no config to take a region from, boto3's own configuration decides.
+            no_config = self._config is None and len(saved_config_names()) != 1
+            self._ec2 = ec2.client(None if no_config else self.config.region)
         return self._ec2
 
     def _describe(self):
@@ -419,12 +421,3 @@ def _find_by_name(client, server_name):
         )
     return found[-1]
 
-
-def _region_of(config):
-    if isinstance(config, AWSEC2_Config):
-        return config.region
-    if isinstance(config, str):
-        return AWSEC2_Config.load(config).region
-    if config is None and len(saved_config_names()) == 1:
-        return AWSEC2_Config.load().region
-    return None
