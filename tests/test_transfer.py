@@ -7,12 +7,13 @@ SSH (a fabric Connection with the host key pinned) and with an invoke.Context.
 
 import getpass
 import hashlib
-import io
 import json
 import os
 import signal
 import stat
-import tarfile
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import invoke
@@ -350,6 +351,100 @@ def test_upload_killed_midway_leaves_nothing_half_done_and_a_retry_completes(
     assert transfer.upload(connect(), [src], str(remote), quiet=True).files_sent == 0
 
 
+def close(conn):
+    """Close a fabric Connection; the local target has nothing to close."""
+    if hasattr(conn, "close"):
+        conn.close()
+
+
+def test_a_file_that_grows_while_it_is_sent_is_refused_and_not_recorded(target, sshd, tmp_path):
+    src = tmp_path / "src"
+    write(src / "small.txt", "v1\n")
+    remote = tmp_path / "remote"
+    first = target()
+    transfer.upload(first, [src], str(remote), quiet=True)
+    close(first)
+    manifest_before = (remote / transfer.MANIFEST).read_bytes()
+    growing = write(src / "growing.log", os.urandom(4 * 2**20))
+    appended = []
+
+    def append_once_sending(done, total):
+        if done > 2**20 and not appended:
+            with open(growing, "ab") as handle:
+                handle.write(b"one more line\n")
+            appended.append(done)
+
+    conn = target()
+    with pytest.raises(TransferError, match="growing.log changed while it was being sent; upload again"):
+        transfer.upload(conn, [src], str(remote), quiet=True, callback=append_once_sending)
+
+    assert appended
+    assert not (remote / "src" / "growing.log").exists()
+    assert (remote / transfer.MANIFEST).read_bytes() == manifest_before
+    close(conn)
+    wait_until(lambda: not session_pids(sshd.process.pid), timeout=30, what="old session ends")
+    retry = transfer.upload(target(), [src], str(remote), quiet=True)
+    assert retry.files == ["src/growing.log"]
+    assert (remote / "src" / "growing.log").read_bytes() == growing.read_bytes()
+
+
+def finishes(action, within=60):
+    """Run ``action`` in a thread; return its result, failing (not hanging) if it does not end."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = action()
+        except BaseException as exc:  # handed back to the test below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(within)
+    assert not thread.is_alive(), f"still running after {within} s: it hangs"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+@pytest.mark.parametrize("manifest", [
+    b'{"version":1,"files":{}}\0{"more":1}',
+    b"\0",
+    b"not json at all",
+    b"\xff\xfe\x00garbage",
+    b'{"files": null}',
+    b"[1, 2, 3]",
+    b'{"files": [1, 2]}',
+    b'{"files": {"src/a.txt": "f"}}',
+    b'{"files": {"src/a.txt": ["f", "2", 0, 420, "x", 0]}}',
+    b"[" * 100_000,
+], ids=["NUL inside", "only a NUL", "not JSON", "not UTF-8", "files null", "a list",
+        "files a list", "entry a string", "size a string", "nested too deep"])
+def test_a_malformed_manifest_on_the_server_counts_as_none(target, tmp_path, manifest):
+    src = tmp_path / "src"
+    write(src / "a.txt", "a\n")
+    write(src / "b.txt", "b\n")
+    remote = tmp_path / "remote"
+    transfer.upload(target(), [src], str(remote), quiet=True)
+    (remote / transfer.MANIFEST).write_bytes(manifest)
+
+    report = finishes(lambda: transfer.upload(target(), [src], str(remote), quiet=True))
+
+    assert sorted(report.files) == ["src/a.txt", "src/b.txt"]  # verified by sending again
+    files = json.loads((remote / transfer.MANIFEST).read_text())["files"]
+    assert files["src/a.txt"][4] == hashlib.sha256(b"a\n").hexdigest()
+    assert transfer.upload(target(), [src], str(remote), quiet=True).files_sent == 0
+
+
+@pytest.mark.parametrize("sources", [None, 5, [None]], ids=["None", "a number", "a list with None"])
+def test_sources_that_are_not_paths_are_a_one_line_error(sources, tmp_path):
+    with pytest.raises(TransferError, match="upload") as info:
+        transfer.upload(invoke.Context(), sources, str(tmp_path / "remote"))
+
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "remote").exists()
+
+
 # --------------------------------------------------------------------------- download
 
 
@@ -367,14 +462,14 @@ def outputs(tmp_path):
     return remote
 
 
-def test_glob_downloads_keep_relative_paths(target, outputs, tmp_path):
+def test_glob_matches_land_under_their_basenames(target, outputs, tmp_path):
     dest = tmp_path / "dest"
 
     report = transfer.download(target(), str(outputs), "out/*.dat", str(dest) + "/", quiet=True)
 
     assert sorted(report.files) == ["out/x.dat", "out/y.dat"]
-    assert (dest / "out" / "x.dat").read_text() == "x\n"
-    assert not (dest / "out" / "sub").exists()
+    assert sorted(p.name for p in dest.iterdir()) == ["x.dat", "y.dat"]
+    assert (dest / "x.dat").read_text() == "x\n"
 
 
 def test_directory_download_is_recursive(target, outputs, tmp_path):
@@ -406,7 +501,8 @@ def test_list_of_paths_downloads_each(target, outputs, tmp_path):
                                quiet=True)
 
     assert sorted(report.files) == ["a.txt", "notes.md", "out/sub/z.dat"]
-    assert (dest / "out" / "sub" / "z.dat").read_text() == "z\n"
+    assert sorted(p.name for p in dest.iterdir()) == ["a.txt", "notes.md", "sub"]
+    assert (dest / "sub" / "z.dat").read_text() == "z\n"
 
 
 def test_whole_folder_download_skips_crimpl_bookkeeping(target, outputs, tmp_path):
@@ -431,7 +527,8 @@ def test_one_file_goes_inside_an_existing_directory(target, outputs, tmp_path):
 
     transfer.download(target(), str(outputs), "out/x.dat", str(dest), quiet=True)
 
-    assert (dest / "out" / "x.dat").read_text() == "x\n"
+    assert [p.name for p in dest.iterdir()] == ["x.dat"]
+    assert (dest / "x.dat").read_text() == "x\n"
 
 
 def test_several_matches_make_the_destination_a_directory(target, outputs, tmp_path):
@@ -513,67 +610,142 @@ def test_download_killed_midway_leaves_nothing_locally(connect, sshd, outputs, t
     assert report.files == ["out/x.dat"]
 
 
-# --------------------------------------------------------------------------- local unpack
+# --------------------------------------------------------------------------- where downloads land
 
 
-def tar_bytes(*members):
-    """A tar archive built from ``(TarInfo, data)`` pairs."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for info, data in members:
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    buf.seek(0)
-    return buf
+def test_a_trailing_slash_on_a_source_downloads_its_contents(target, outputs, tmp_path):
+    dest = tmp_path / "out"
+
+    report = transfer.download(target(), str(outputs), "out/", str(dest) + "/", quiet=True)
+
+    assert snapshot(dest) == snapshot(outputs / "out")  # out/<files>, not out/out/...
+    assert sorted(report.files) == ["out/sub/z.dat", "out/x.dat", "out/y.dat"]
 
 
-def member(name, kind=tarfile.REGTYPE, link=""):
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.linkname = link
-    return info
+def test_contents_merge_into_an_existing_directory(target, outputs, tmp_path):
+    dest = tmp_path / "results"
+    write(dest / "mine.txt", "local\n")
+
+    transfer.download(target(), str(outputs), "out/", str(dest), quiet=True)
+
+    assert sorted(p.name for p in dest.iterdir()) == ["mine.txt", "sub", "x.dat", "y.dat"]
 
 
-@pytest.mark.parametrize("evil", [
-    member("../escaped.txt"),
-    member("/tmp/absolute.txt"),
-    member("sub/../../escaped.txt"),
-    member("link", tarfile.SYMTYPE, "/etc/passwd"),
-    member("sub/link", tarfile.SYMTYPE, "../../escaped.txt"),
-    member("hard", tarfile.LNKTYPE, "../escaped.txt"),
-    member("device", tarfile.CHRTYPE),
-], ids=lambda m: m.name)
-def test_archive_entries_escaping_the_destination_are_refused(evil, tmp_path):
-    inside = tmp_path / "inside"
-    inside.mkdir()
-    archive = tar_bytes((member("fine.txt"), b"ok"), (evil, b"" if evil.type != tarfile.REGTYPE else b"x"))
+def test_a_directory_without_trailing_slash_lands_under_its_basename(target, outputs, tmp_path):
+    dest = tmp_path / "dest"
+    dest.mkdir()
 
-    with pytest.raises(TransferError, match="refusing"):
-        transfer.safe_extract(archive, inside)
+    transfer.download(target(), str(outputs), "out/sub", str(dest), quiet=True)
 
-    assert not (tmp_path / "escaped.txt").exists()
-    assert not Path("/tmp/absolute.txt").exists()
+    assert [p.name for p in dest.iterdir()] == ["sub"]
+    assert (dest / "sub" / "z.dat").read_text() == "z\n"
 
 
-@pytest.mark.parametrize("evil", [
-    [member("a", tarfile.SYMTYPE, "l/.."), member("l", tarfile.SYMTYPE, ".")],
-    [member("l", tarfile.SYMTYPE, "."), member("l/escaped.txt")],
-], ids=["link chain", "write through a link"])
-def test_archive_links_combined_to_escape_are_refused(evil, tmp_path):
-    inside = tmp_path / "inside"
-    inside.mkdir()
+def test_a_destination_ending_with_a_slash_is_a_directory_created_if_missing(target, outputs, tmp_path):
+    dest = tmp_path / "new" / "folder"
 
-    with pytest.raises(TransferError, match="refusing"):
-        transfer.safe_extract(tar_bytes(*[(m, b"") for m in evil]), inside)
+    transfer.download(target(), str(outputs), "a.txt", str(dest) + "/", quiet=True)
 
-    assert not (tmp_path / "escaped.txt").exists()
+    assert (dest / "a.txt").read_text() == "a\n"
 
 
-def test_safe_archive_unpacks_with_links_inside(tmp_path):
-    archive = tar_bytes((member("sub/data.txt"), b"data"),
-                        (member("sub/link", tarfile.SYMTYPE, "data.txt"), b""))
+def test_one_file_to_a_missing_name_without_slash_is_written_as_that_file(target, outputs, tmp_path):
+    dest = tmp_path / "results"
 
-    members = transfer.safe_extract(archive, tmp_path)
+    transfer.download(target(), str(outputs), "out/x.dat", str(dest), quiet=True)
 
-    assert [m.name for m in members] == ["sub/data.txt", "sub/link"]
-    assert (tmp_path / "sub" / "link").read_text() == "data"
+    assert dest.read_text() == "x\n"
+
+
+def test_overlapping_paths_that_land_in_the_same_place_are_downloaded_once(target, outputs, tmp_path):
+    dest = tmp_path / "dest"
+
+    report = transfer.download(target(), str(outputs), ["*.txt", "a.txt", "out/", "out/x.dat"],
+                               str(dest) + "/", quiet=True)
+
+    assert sorted(report.files) == ["a.txt", "b.txt", "out/sub/z.dat", "out/x.dat", "out/y.dat"]
+    assert sorted(p.name for p in dest.iterdir()) == ["a.txt", "b.txt", "sub", "x.dat", "y.dat"]
+
+
+@pytest.mark.parametrize("paths, error", [
+    (["out/x.dat", "x/x.dat"], "both land on x.dat"),
+    (["out/", "x/"], "both land on x.dat"),
+    (["out", "out/x.dat"], "overlap"),
+], ids=["two files", "two folders' contents", "a folder and a file in it"])
+def test_paths_that_would_land_on_the_same_name_are_refused(target, outputs, tmp_path, paths, error):
+    write(outputs / "x" / "x.dat", "another x\n")
+    dest = tmp_path / "dest"
+
+    with pytest.raises(TransferError, match=error):
+        transfer.download(target(), str(outputs), paths, str(dest) + "/", quiet=True)
+
+    assert not dest.exists()
+
+
+@pytest.mark.parametrize("paths", [None, 5, []], ids=["None", "a number", "empty"])
+def test_paths_that_are_not_paths_are_a_one_line_error(paths, outputs, tmp_path):
+    with pytest.raises(TransferError, match="download") as info:
+        transfer.download(invoke.Context(), str(outputs), paths, str(tmp_path / "dest"))
+
+    assert "\n" not in str(info.value)
+
+
+def test_a_failed_download_removes_the_folders_it_created(target, outputs, tmp_path):
+    write(tmp_path / "keep" / "mine.txt", "mine\n")
+
+    with pytest.raises(TransferError, match="nope.txt"):
+        transfer.download(target(), str(outputs), "nope.txt", str(tmp_path / "new" / "deeper" / "dest") + "/")
+    with pytest.raises(TransferError, match="nope.txt"):
+        transfer.download(target(), str(outputs), "nope.txt", str(tmp_path / "keep" / "sub" / "file.txt"))
+
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "crimpl-home") == ["keep", "remote"]
+    assert [p.name for p in (tmp_path / "keep").iterdir()] == ["mine.txt"]
+
+
+# --------------------------------------------------------------------------- a killed download
+
+KILLABLE_DOWNLOAD = """
+import getpass, sys, threading
+from pathlib import Path
+from crimpl import hostkeys, ssh, transfer
+
+port, key, host_key, remote, dest, ready = sys.argv[1:]
+conn = ssh.connection("127.0.0.1", getpass.getuser(), key, "test-sshd",
+                      expected_key=hostkeys.key_from_line(host_key), port=int(port))
+
+def hold_once_a_partial_file_exists(done, total):
+    if any(p.stat().st_size for p in Path(dest).glob(".crimpl-download-*/out/huge.bin")):
+        Path(ready).touch()
+        threading.Event().wait()  # stay mid-download until the test kills this process
+
+transfer.download(conn, remote, "out", dest, quiet=True, callback=hold_once_a_partial_file_exists)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_killed_download_shows_nothing_and_the_next_one_cleans_up(sshd, connect, outputs, tmp_path, sig):
+    with open(outputs / "out" / "huge.bin", "wb") as handle:
+        handle.truncate(300 * 2**20)
+    dest = tmp_path / "dest"
+    write(dest / "mine.txt", "local\n")
+    ready = tmp_path / "ready"
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLABLE_DOWNLOAD, str(sshd.port), str(sshd.client_key),
+         sshd.host_public, str(outputs), str(dest), str(ready)],
+        cwd=Path(__file__).resolve().parents[1])
+    try:
+        wait_until(lambda: ready.exists() or process.poll() is not None, timeout=60,
+                   what="a partial file in the staging folder")
+        assert process.poll() is None, "the download ended before it could be killed"
+    finally:
+        process.send_signal(sig)
+        process.wait(30)
+
+    assert [p.name for p in dest.iterdir() if not p.name.startswith(".")] == ["mine.txt"]
+    assert list(dest.glob(".crimpl-download-*/out/huge.bin"))  # what the kill left behind, hidden
+    (outputs / "out" / "huge.bin").unlink()
+
+    report = transfer.download(connect(), str(outputs), "out", str(dest), quiet=True)
+
+    assert sorted(p.name for p in dest.iterdir()) == ["mine.txt", "out"]
+    assert sorted(report.files) == ["out/sub/z.dat", "out/x.dat", "out/y.dat"]
