@@ -1,7 +1,10 @@
 """The job protocol, on an EC2 instance (moto_server + a real sshd) and on the local target.
 
 Every behaviour test runs on both targets: the local target must pass the same
-job-protocol tests as a server reached over SSH.
+job-protocol tests as a server reached over SSH. The second half puts the
+protocol under faults: bad names and inputs, races, interruptions, lost servers;
+connections are cut by killing the sshd's per-connection processes, as a network
+failure or a stopped instance would.
 """
 
 import io
@@ -11,13 +14,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import boto3
 import pytest
 
 import crimpl
-from crimpl.errors import JobError, ScriptFailedError
+from crimpl.errors import JobError, JobUnreachableError, ScriptFailedError
 from sandbox import wait_until
 
 TARGETS = ["local", "ec2"]
@@ -37,10 +41,15 @@ def ec2_config(aws, key_file, login_user, tmp_path):
 
 
 @pytest.fixture
-def ec2_server(ec2_config, serve_instance):
+def ec2_sshd(ec2_config, serve_instance):
+    """An EC2 instance (moto_server) and the real sshd that serves it."""
     server = crimpl.AWSEC2.new(ec2_config, nprocs=2, server_name="jobs-test")
-    serve_instance(server.instanceId)
-    return server
+    return server, serve_instance(server.instanceId)
+
+
+@pytest.fixture
+def ec2_server(ec2_sshd):
+    return ec2_sshd[0]
 
 
 @pytest.fixture(params=TARGETS)
@@ -73,7 +82,8 @@ def test_complete_job_reports_complete_and_its_outputs_come_back(target, tmp_pat
     assert f"hello from {job.job_name}" in job.logs()
     out = tmp_path / "out"
     report = job.check_output("results/sum.txt", str(out) + "/")
-    assert (out / "results" / "sum.txt").read_text() == "6\n"
+    # Into a directory, a file lands under its basename (as with cp).
+    assert (out / "sum.txt").read_text() == "6\n"
     assert report.replaced == []
 
 
@@ -175,11 +185,13 @@ def test_a_job_never_submitted_reads_not_submitted(target):
 def test_submitting_while_a_job_runs_is_refused_unless_allowed(target, tmp_path):
     gate = tmp_path / "gate"
     first = target.submit_script([f"while [ ! -e {gate} ]; do sleep 0.1; done"])
-    with pytest.raises(JobError, match="still running"):
-        target.submit_script(["true"])
-    second = target.submit_script(["echo alongside"], allow_concurrent=True)
-    assert _wait_final(second).state == "complete"
-    gate.touch()
+    try:
+        with pytest.raises(JobError, match=f"another job is running on .*: {first.job_name}; "):
+            target.submit_script(["true"])
+        second = target.submit_script(["echo alongside"], allow_concurrent=True)
+        assert _wait_final(second).state == "complete"
+    finally:
+        gate.touch()
     assert _wait_final(first).state == "complete"
 
 
@@ -234,9 +246,11 @@ def test_resubmit_reruns_a_finished_job_in_place(target, tmp_path):
 def test_resubmitting_a_running_job_is_refused(target, tmp_path):
     gate = tmp_path / "gate"
     job = target.submit_script([f"while [ ! -e {gate} ]; do sleep 0.1; done"])
-    with pytest.raises(JobError, match="still running"):
-        job.resubmit()
-    gate.touch()
+    try:
+        with pytest.raises(JobError, match="still running"):
+            job.resubmit()
+    finally:
+        gate.touch()
     _wait_final(job)
 
 
@@ -373,3 +387,467 @@ def test_without_on_complete_the_shutdown_command_never_runs(ec2_server, tmp_pat
     attr = ec2.describe_instance_attribute(InstanceId=ec2_server.instanceId,
                                            Attribute="instanceInitiatedShutdownBehavior")
     assert attr["InstanceInitiatedShutdownBehavior"]["Value"] == "stop"
+
+
+# == under faults ==========================================================================
+
+
+class _Background:
+    """Run ``call`` in a daemon thread; ``done``, ``result`` and ``error`` tell how it ended."""
+
+    def __init__(self, call):
+        self.done = False
+        self.result = self.error = None
+
+        def body():
+            try:
+                self.result = call()
+            except Exception as exc:  # noqa: BLE001 - the test looks at it
+                self.error = exc
+            finally:
+                self.done = True
+
+        threading.Thread(target=body, daemon=True).start()
+
+
+def _pids():
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _stat(pid):
+    """Fields 3.. of /proc/PID/stat (after the command name), or None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _descendants(root):
+    found, frontier = [], [root]
+    while frontier:
+        parent = frontier.pop()
+        kids = [p for p in _pids() if (_stat(p) or [None, None])[1] == str(parent)]
+        found += kids
+        frontier += kids
+    return found
+
+
+def _cut_ssh_connections(sshd):
+    """Kill the sshd processes of every open connection; the listener stays up."""
+    for pid in _descendants(sshd.process.pid):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().startswith("sshd"):
+                os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _processes_with(text):
+    """Pids whose command line contains ``text`` (bytes), this process excepted."""
+    pids = []
+    for pid in _pids():
+        try:
+            if pid != os.getpid() and text in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.fixture(params=TARGETS)
+def cut_target(request, tmp_path):
+    """A target and a function that cuts its open connections (nothing to cut locally)."""
+    if request.param == "local":
+        return crimpl.Local(root=tmp_path / "local"), lambda: None
+    server, sshd = request.getfixturevalue("ec2_sshd")
+    return server, lambda: _cut_ssh_connections(sshd)
+
+
+def _gate_loop(gate):
+    return f"while [ ! -e {gate} ]; do sleep 0.1; done"
+
+
+# -- names and paths (8.5, 8.7, 8.12) ------------------------------------------------------
+
+
+RESERVED_SCRIPT_NAMES = ["crimpl-log", "crimpl-status", "crimpl-killed", "crimpl-job.sh",
+                         "crimpl-script.sh", "-x.sh", ".crimpl-manifest"]
+
+
+def test_scripts_named_like_crimpl_files_are_refused_before_anything_runs(target, tmp_path):
+    for name in RESERVED_SCRIPT_NAMES:
+        script = tmp_path / "scripts" / name
+        script.parent.mkdir(exist_ok=True)
+        script.write_text("echo ran\n")
+        with pytest.raises(JobError, match="rename it") as info:
+            target.submit_script(script)
+        assert repr(name) in str(info.value)
+        assert "\n" not in str(info.value)
+    assert target.job_statuses() == {}
+
+
+def test_inputs_named_like_crimpl_files_are_refused_even_as_symlinks(target, tmp_path):
+    real = tmp_path / "real.txt"
+    real.write_text("data\n")
+    (tmp_path / "links").mkdir()
+    for name in ["crimpl-log", "crimpl-status", "crimpl-killed", "crimpl-job.sh", ".crimpl-x"]:
+        link = tmp_path / "links" / name
+        link.symlink_to(real)
+        with pytest.raises(JobError, match=f"would land as '{name}'"):
+            target.submit_script(["cat real.txt"], files=[link])
+    # A link named like the script lands on the script.
+    script = tmp_path / "run.sh"
+    script.write_text("echo ran\n")
+    (tmp_path / "links" / "run.sh").symlink_to(real)
+    with pytest.raises(JobError, match="would land as 'run.sh'"):
+        target.submit_script(script, files=[tmp_path / "links" / "run.sh"])
+    assert target.job_statuses() == {}
+
+
+@pytest.mark.parametrize("files", ["", "   ", [""], ["data.txt", " "], 5, [5], b"data.txt", [None]],
+                         ids=["empty", "blank", "empty-in-list", "blank-in-list", "int", "int-in-list",
+                              "bytes", "none-in-list"])
+def test_unusable_input_paths_are_refused_in_one_line(tmp_path, monkeypatch, files):
+    # An empty path must not mean the current folder, which would then be uploaded whole.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.txt").write_text("x\n")
+    local = crimpl.Local(root=tmp_path / "local")
+    with pytest.raises(JobError) as info:
+        local.submit_script(["true"], files=files)
+    assert "\n" not in str(info.value)
+    assert local.job_statuses() == {}
+
+
+def test_empty_script_job_name_and_output_paths_are_refused_in_one_line(tmp_path):
+    local = crimpl.Local(root=tmp_path / "local")
+    with pytest.raises(JobError, match="empty path"):
+        local.submit_script("")
+    with pytest.raises(JobError, match="job name ''"):
+        local.submit_script(["true"], job_name="")
+    job = local.submit_script(["echo x > out.txt"])
+    _wait_final(job)
+    for bad in (None, "", [], [None], 5):
+        with pytest.raises(crimpl.TransferError, match="server_path must be") as info:
+            job.check_output(bad, str(tmp_path / "out"))
+        assert "\n" not in str(info.value)
+    with pytest.raises(crimpl.TransferError, match="local_path must be"):
+        local.check_output("out.txt", None)
+    assert not (tmp_path / "out").exists()
+
+
+def _write_status(target, name, text):
+    directory = Path(target.job_root) / "jobs" / name
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "crimpl-status").write_text(text)
+    return directory
+
+
+def test_malformed_status_records_read_unknown_with_the_reason(target):
+    _wait_final(target.submit_script(["true"], job_name="good"))
+    bad = {
+        "not-json": "this is not json\n",
+        "a-list": "[1, 2]\n",
+        "text-exit-code": '{"state": "complete", "exit_code": "zero", "pid": 12, "started": '
+                          '"2026-01-01T00:00:00Z", "ended": null, "on_complete": ""}\n',
+        "number-started": '{"state": "failed", "exit_code": 2, "pid": 12, "started": 5, '
+                          '"ended": null, "on_complete": ""}\n',
+        "list-state": '{"state": ["running"], "exit_code": null, "pid": 12}\n',
+        "two-lines": '{"state": "complete"}\ninjected\talive\t-\t{"state": "complete"}\n',
+    }
+    for name, text in bad.items():
+        _write_status(target, name, text)
+    statuses = target.job_statuses()
+    assert statuses["good"].state == "complete"
+    assert "injected" not in statuses
+    for name in bad:
+        assert statuses[name].state == "unknown", name
+        assert "unreadable crimpl-status" in statuses[name].detail
+    # Waiting on a record that cannot be read returns it: it would never change.
+    assert target.get_job("number-started").wait(timeout=20, interval=0.1).state == "unknown"
+
+
+# -- one running job, atomically (8.8) ----------------------------------------------------------
+
+
+def test_of_two_submits_at_once_exactly_one_starts(target, tmp_path):
+    gate = tmp_path / "gate"
+    # An input that takes longer to send than the quick check before the upload.
+    data = tmp_path / "data.bin"
+    data.write_bytes(os.urandom(8 * 2**20))
+    barrier = threading.Barrier(2)
+    results = [None, None]
+
+    def submit(i):
+        barrier.wait(30)
+        try:
+            results[i] = target.submit_script([_gate_loop(gate)], files=[data], job_name=f"twin-{i}",
+                                              quiet=True)
+        except JobError as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=submit, args=(i,), daemon=True) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: all(r is not None for r in results), timeout=120, what="both submits")
+        started = [r for r in results if isinstance(r, crimpl.Job)]
+        refused = [r for r in results if isinstance(r, JobError)]
+        assert len(started) == 1 and len(refused) == 1, results
+        assert f"another job is running on {target}: {started[0].job_name}; " in str(refused[0])
+        statuses = target.job_statuses()
+        # The refused job left nothing behind, and the lock is released.
+        assert {n: s.state for n, s in statuses.items()} == {started[0].job_name: "running"}
+        assert not (Path(target.job_root) / "jobs" / ".crimpl-lock").exists()
+    finally:
+        gate.touch()
+    assert _wait_final(started[0]).state == "complete"
+
+
+def test_a_start_lock_left_by_a_killed_submit_is_broken(target):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lock = Path(target.job_root) / "jobs" / ".crimpl-lock"
+    lock.mkdir(parents=True)
+    (lock / "pid").write_text(f"{gone.pid}\n")
+    assert _wait_final(target.submit_script(["true"])).state == "complete"
+    assert not lock.exists()
+
+
+def test_resubmit_is_a_server_method_and_keeps_the_one_running_job_rule(target, tmp_path):
+    _wait_final(target.submit_script(["echo once"], job_name="again"))
+    gate = tmp_path / "gate"
+    blocker = target.submit_script([_gate_loop(gate)], job_name="blocker")
+    try:
+        with pytest.raises(JobError, match=f"another job is running on {target}: blocker; "):
+            target.resubmit("again")
+    finally:
+        gate.touch()
+    _wait_final(blocker)
+    job = target.resubmit("again")
+    assert _wait_final(job).state == "complete"
+    assert job.logs() == "once\n"
+    assert "crimpl-log.previous" in job.ls()
+    with pytest.raises(JobError, match="no job missing"):
+        target.resubmit("missing")
+
+
+# -- an interrupted submit is completed by a retry (8.10) ---------------------------------------
+
+
+def test_an_interrupted_submit_is_completed_by_a_retry_with_the_same_name(cut_target, tmp_path):
+    target, cut = cut_target
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as handle:
+        handle.truncate(64 * 2**20)
+    directory = Path(target.job_root) / "jobs" / "interrupted"
+    submit = _Background(lambda: target.submit_script(["wc -c < big.bin"], files=[big],
+                                                      job_name="interrupted", quiet=True))
+    temporary = wait_until(lambda: list(directory.glob(".crimpl-upload-*")), timeout=60, interval=0.002,
+                           what="upload under way")
+    # Freeze the receiving end mid-upload (its shell and tar name its random folder), then
+    # drop the connection under it.
+    frozen = _processes_with(temporary[0].name.encode())
+    assert frozen
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    cut()
+    for pid in frozen:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: submit.done, timeout=60, what="the interrupted submit to return")
+    assert isinstance(submit.error, crimpl.TransferError), submit.error or submit.result
+    assert "submit again with job_name='interrupted'" in str(submit.error)
+    assert not (directory / "crimpl-status").exists()
+    assert list(directory.glob(".crimpl-upload-*"))
+
+    job = target.submit_script(["wc -c < big.bin"], files=[big], job_name="interrupted", quiet=True)
+    assert _wait_final(job).state == "complete"
+    assert job.logs().strip() == str(64 * 2**20)
+    assert not list(directory.glob(".crimpl-upload-*"))
+    with pytest.raises(JobError, match="already exists"):
+        target.submit_script(["true"], job_name="interrupted")
+
+
+# -- a recorded pid that now belongs to another process (8.15) ----------------------------------
+
+
+def _boot_id():
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def _record(pid, **extra):
+    return json.dumps({"state": "running", "exit_code": None, "pid": pid, **extra,
+                       "started": "2026-01-01T00:00:00Z", "ended": None, "on_complete": ""}) + "\n"
+
+
+def test_a_job_whose_pid_now_belongs_to_another_process_is_not_running_and_not_killed(target):
+    stranger = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        start_time = _stat(stranger.pid)[19]
+        _write_status(target, "other-start", _record(stranger.pid, boot_id=_boot_id(), pid_start="1"))
+        _write_status(target, "other-boot", _record(
+            stranger.pid, boot_id="00000000-0000-0000-0000-000000000000", pid_start=start_time))
+        for name in ("other-start", "other-boot"):
+            job = target.get_job(name)
+            assert job.status().state == "failed", name
+            assert job.kill() is False
+        assert stranger.poll() is None
+        # Nothing blocks a new job either.
+        assert _wait_final(target.submit_script(["true"])).state == "complete"
+        # The same process with its own boot id and start time is the job's: the check can tell.
+        _write_status(target, "other-start", _record(stranger.pid, boot_id=_boot_id(), pid_start=start_time))
+        assert target.get_job("other-start").job_status == "running"
+        # A record without them (older crimpl, no /proc) falls back to "is the pid alive".
+        _write_status(target, "other-boot", _record(stranger.pid))
+        assert target.get_job("other-boot").job_status == "running"
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_a_job_records_its_boot_id_and_start_time(target):
+    job = target.submit_script(["true"])
+    _wait_final(job)
+    record = json.loads((Path(job.job_dir) / "crimpl-status").read_text())
+    assert record["boot_id"] == _boot_id()
+    assert record["pid_start"].isdigit()
+
+
+# -- configuration errors are not "unknown" ------------------------------------------------------
+
+
+def test_a_configuration_error_is_raised_not_read_as_unknown(ec2_server):
+    broken = crimpl.AWSEC2(ec2_server.instanceId, config="no-such-config", ec2_client=boto3.client("ec2"))
+    job = crimpl.Job(broken, "any")
+    with pytest.raises(crimpl.ConfigError):
+        job.status()
+    with pytest.raises(crimpl.ConfigError):
+        job.wait(timeout=20, interval=0.1)
+    with pytest.raises(crimpl.ConfigError):
+        broken.job_status  # noqa: B018 - the property is what is tested
+
+
+# -- a server that stops or goes away ends every wait (8.3, 8.9) --------------------------------
+
+
+@pytest.mark.parametrize("action, words", [("stop", "the server stopped"), ("terminate", "the server went away")])
+def test_wait_ends_with_the_last_state_when_the_server_goes_away(ec2_server, tmp_path, action, words):
+    gate = tmp_path / "gate"
+    job = ec2_server.submit_script([_gate_loop(gate)])
+    try:
+        assert job.status().state == "running"
+        ec2 = boto3.client("ec2")
+        getattr(ec2, f"{action}_instances")(InstanceIds=[ec2_server.instanceId])  # out of band
+        waited = _Background(lambda: job.wait(interval=0.1))
+        wait_until(lambda: waited.done, timeout=60, what="wait to return")
+        assert isinstance(waited.error, JobUnreachableError), waited.result
+        assert words in str(waited.error)
+        assert "last state was running" in str(waited.error)
+        assert waited.error.last_status.state == "running"
+    finally:
+        gate.touch()
+
+
+def test_wait_gives_up_after_repeated_unreachable_polls_naming_the_last_state(ec2_sshd, tmp_path):
+    server, sshd = ec2_sshd
+    gate = tmp_path / "gate"
+    job = server.submit_script([_gate_loop(gate)])
+    try:
+        assert job.status().state == "running"
+        # EC2 says running, but SSH no longer answers; a short readiness timeout keeps this quick.
+        server._config = crimpl.AWSEC2_Config(**{**server.config.to_dict(), "ssh_timeout": 1})
+        _cut_ssh_connections(sshd)
+        sshd.stop()
+        assert job.job_status == "unknown"
+        waited = _Background(lambda: job.wait(interval=0.1, max_unreachable=2))
+        wait_until(lambda: waited.done, timeout=60, what="wait to return")
+    finally:
+        gate.touch()
+    assert isinstance(waited.error, JobUnreachableError), waited.result
+    assert "did not answer 2 time(s) in a row" in str(waited.error)
+    assert "last state was running" in str(waited.error)
+
+
+def _follow(job):
+    out = io.StringIO()
+    return out, _Background(lambda: job.logs(follow=True, stream=out))
+
+
+def test_follow_resumes_after_a_dropped_connection_without_losing_or_repeating_output(ec2_sshd, tmp_path):
+    server, sshd = ec2_sshd
+    gate = tmp_path / "gate"
+    job = server.submit_script(["echo part one", _gate_loop(gate), "echo part two"])
+    out, follow = _follow(job)
+    try:
+        wait_until(lambda: "part one" in out.getvalue(), timeout=30, what="first output")
+        _cut_ssh_connections(sshd)
+    finally:
+        gate.touch()
+    wait_until(lambda: follow.done, timeout=60, what="follow to return")
+    assert follow.error is None
+    assert follow.result == out.getvalue() == "part one\npart two\n"
+    assert job.job_status == "complete"
+
+
+def test_follow_says_the_stream_was_cut_when_the_server_does_not_answer_again(ec2_sshd, tmp_path):
+    server, sshd = ec2_sshd
+    gate = tmp_path / "gate"
+    job = server.submit_script(["echo part one", _gate_loop(gate), "echo part two"])
+    out = io.StringIO()
+    follow = _Background(lambda: job.logs(follow=True, stream=out, max_unreachable=1))
+    try:
+        wait_until(lambda: "part one" in out.getvalue(), timeout=30, what="first output")
+        _cut_ssh_connections(sshd)
+        sshd.stop()
+        wait_until(lambda: follow.done, timeout=60, what="follow to return")
+    finally:
+        gate.touch()
+    assert isinstance(follow.error, JobUnreachableError), follow.result
+    assert "was cut" in str(follow.error) and "last state was running" in str(follow.error)
+    assert out.getvalue() == "part one\n"
+
+
+def test_follow_ends_when_the_server_stops_under_it(ec2_sshd, tmp_path):
+    server, sshd = ec2_sshd
+    gate = tmp_path / "gate"
+    job = server.submit_script(["echo part one", _gate_loop(gate)])
+    out, follow = _follow(job)
+    try:
+        wait_until(lambda: "part one" in out.getvalue(), timeout=30, what="first output")
+        boto3.client("ec2").stop_instances(InstanceIds=[server.instanceId])
+        # A stopped instance takes its sshd and connections with it.
+        _cut_ssh_connections(sshd)
+        sshd.stop()
+        wait_until(lambda: follow.done, timeout=60, what="follow to return")
+    finally:
+        gate.touch()
+    assert isinstance(follow.error, JobUnreachableError), follow.result
+    assert "the server stopped" in str(follow.error)
+    assert "last state was running" in str(follow.error)
+
+
+def test_follow_then_wait_report_the_final_state_after_on_complete_stop(
+        aws, key_file, login_user, serve_instance, tmp_path):
+    config = crimpl.AWSEC2_Config(KeyFile=str(key_file), username=login_user, ssh_cidrs=["127.0.0.1/32"],
+                                  remote_dir=str(tmp_path / "remote"), ssh_timeout=20)
+    server = crimpl.AWSEC2.new(config, nprocs=2, server_name="oc-follow")
+    command, _record_file = _recording_shutdown(tmp_path, server.instanceId, aws.url)
+    server._config = crimpl.AWSEC2_Config(**{**config.to_dict(), "shutdown_command": command})
+    serve_instance(server.instanceId)
+    gate = tmp_path / "gate"
+    # As `submit --on-complete stop` then `logs --follow` do.
+    job = server.submit_script(["echo working", _gate_loop(gate), "exit 4"], on_complete="stop")
+    out, follow = _follow(job)
+    try:
+        wait_until(lambda: "working" in out.getvalue(), timeout=30, what="first output")
+    finally:
+        gate.touch()
+    wait_until(lambda: follow.done, timeout=60, what="follow to return")
+    assert follow.error is None and follow.result == "working\n"
+    waited = _Background(lambda: job.wait(interval=0.1))
+    wait_until(lambda: waited.done, timeout=60, what="wait to return")
+    assert server.state == "stopped"
+    assert waited.error is None
+    assert (waited.result.state, waited.result.exit_code) == ("failed", 4)
+    # A new object has read nothing before the stop: it says so instead of waiting forever.
+    with pytest.raises(JobUnreachableError, match="the server stopped .*last state was not read yet"):
+        crimpl.Job(server, job.job_name).wait(interval=0.1)

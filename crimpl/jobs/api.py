@@ -1,0 +1,537 @@
+"""The job API: :class:`Job`, :class:`JobStatus` and :class:`JobsMixin`, which every server kind has.
+
+The API only talks to the server through :mod:`.protocol`. It decides what a
+failure means: a server that cannot be reached (SSH not answering, connection
+lost, instance not running) makes a job's state ``unknown``; any other error
+(configuration, host key, AWS credentials) is raised. Every wait is bounded: a
+server that stopped or went away ends :meth:`Job.wait` and ``Job.logs(follow=True)``
+with :class:`~crimpl.errors.JobUnreachableError`, which names the job's last state.
+"""
+
+import codecs
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import (
+    ConnectionLostError,
+    CrimplError,
+    InstanceStateError,
+    JobError,
+    JobUnreachableError,
+    ScriptFailedError,
+    SSHNotReadyError,
+    TransferError,
+)
+from . import protocol
+from .protocol import COMMANDS_SCRIPT, ON_COMPLETE, STATES, WRAPPER, check_job_name, job_dir
+
+#: The errors that mean "the server cannot be reached now"; only they make a state ``unknown``.
+UNREACHABLE = (SSHNotReadyError, ConnectionLostError, InstanceStateError)
+#: Server states in which a job can no longer be reached, and how messages name them.
+GONE = {"stopping": "stopped", "stopped": "stopped", "shutting-down": "terminated",
+        "terminated": "terminated"}
+#: Consecutive failed polls (or reconnects) after which a wait gives up.
+MAX_UNREACHABLE = 5
+
+
+@dataclass
+class JobStatus:
+    """What the server reports about one job.
+
+    :param state: one of :data:`~crimpl.jobs.protocol.STATES`.
+    :param exit_code: the script's exit code once it ended.
+    :param started: UTC ISO time the job started.
+    :param ended: UTC ISO time it ended.
+    :param on_complete: ``stop``, ``terminate`` or None.
+    :param detail: why the state is what it is, when that is not obvious.
+    """
+
+    state: str
+    exit_code: int | None = None
+    started: str | None = None
+    ended: str | None = None
+    on_complete: str | None = None
+    detail: str = ""
+
+    def __str__(self):
+        text = self.state
+        if self.state == "failed" and self.exit_code is not None:
+            text += f" (exit code {self.exit_code})"
+        return text + (f": {self.detail}" if self.detail else "")
+
+
+def _statuses(conn, root, names=None):
+    """``{job_name: JobStatus}`` for the jobs that exist (all of them when ``names`` is None)."""
+    return {name: JobStatus(**fields) for name, fields in protocol.read_records(conn, root, names).items()}
+
+
+def _server_state(server):
+    """The state of the server's machine where its kind knows it (EC2's ``state``), else None."""
+    try:
+        return getattr(server, "state", None)
+    except CrimplError:  # EC2 unreachable too: no answer, the caller counts a failure
+        return None
+
+
+def _write(stream, text):
+    """Write ``text`` to ``stream`` (default stdout) and flush it, so a terminal shows it now."""
+    stream = stream or sys.stdout
+    stream.write(text)
+    if hasattr(stream, "flush"):
+        stream.flush()
+
+
+class Job:
+    """A job on a server. It is only a name: every property is read from the server.
+
+    :param server: the :class:`~crimpl.server.AWSEC2` or :class:`~crimpl.server.Local` it runs on.
+    :param job_name: its name, the name of its directory.
+    :param sources: the local script and inputs it was submitted with (for :meth:`resubmit`).
+    """
+
+    def __init__(self, server, job_name: str, sources=None):
+        check_job_name(job_name)
+        self.server = server
+        self.job_name = job_name
+        self._sources = list(sources or [])
+        #: The last status read from the server, named when the server goes away.
+        self.last_status: JobStatus | None = None
+
+    def __repr__(self):
+        return f"<Job {self.job_name} on {self.server}>"
+
+    @property
+    def job_dir(self) -> str:
+        """The job's directory on the server."""
+        return job_dir(self.server.job_root, self.job_name)
+
+    def _read(self, conn) -> JobStatus:
+        status = _statuses(conn, self.server.job_root, [self.job_name]).get(self.job_name)
+        self.last_status = status or JobStatus("not-submitted")
+        return self.last_status
+
+    def status(self) -> JobStatus:
+        """Return the job's :class:`JobStatus`, read from the server now.
+
+        A server that cannot be reached (stopped, SSH not answering) gives state
+        ``unknown``; any other error is raised.
+        """
+        try:
+            with self.server.session(start=False) as conn:
+                return self._read(conn)
+        except UNREACHABLE as exc:
+            return JobStatus("unknown", detail=str(exc))
+
+    @property
+    def job_status(self) -> str:
+        """The job's state: one of :data:`STATES`."""
+        return self.status().state
+
+    def _gone(self, state, failures=0, cause=None):
+        """The error that ends a wait on this job: its server is ``state``, or unreachable."""
+        last = self.last_status or "not read yet"
+        if state in GONE:
+            what = "stopped" if GONE[state] == "stopped" else "went away"
+            advice = ("start it to read the job's logs and outputs" if GONE[state] == "stopped"
+                      else "its jobs and files are gone")
+            return JobUnreachableError(
+                f"the server {what} ({self.server} is {state}); job {self.job_name}'s last state "
+                f"was {last}: {advice}", self.last_status, state)
+        return JobUnreachableError(
+            f"{self.server} did not answer {failures} time(s) in a row (last: {cause}); job "
+            f"{self.job_name}'s last state was {last}: check the server, then look at the job again",
+            self.last_status, state)
+
+    def _on_unreachable(self, exc, failures, max_unreachable):
+        """Raise if the server is gone or stayed unreachable too long; else return."""
+        state = getattr(exc, "state", None) or _server_state(self.server)
+        if state in GONE:
+            raise self._gone(state) from exc
+        if failures >= max_unreachable:
+            raise self._gone(state, failures, exc) from exc
+
+    def _ended(self):
+        """The last status read, if it says the job ended."""
+        last = self.last_status
+        return last if last is not None and last.state in ("complete", "failed", "killed") else None
+
+    def wait(self, timeout: float | None = None, interval: float = 2.0,
+             max_unreachable: int = MAX_UNREACHABLE) -> JobStatus:
+        """Poll until the job is no longer running and return its final :class:`JobStatus`.
+
+        :param timeout: seconds to wait at most (default: no limit while the server answers).
+        :param interval: seconds between two polls.
+        :param max_unreachable: consecutive polls that could not reach the server
+            after which the wait gives up.
+        :raises JobError: if ``timeout`` seconds pass first.
+        :raises JobUnreachableError: if the server is stopped or terminated, or could
+            not be reached ``max_unreachable`` times in a row; it names the job's last state.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        failures = 0
+        with contextlib.ExitStack() as held:
+            conn = None
+            while True:
+                # One connection for every poll; a new one only after it failed.
+                try:
+                    if conn is None:
+                        conn = held.enter_context(self.server.session(start=False))
+                    status = self._read(conn)
+                    failures = 0
+                except UNREACHABLE as exc:
+                    conn = None
+                    held.close()
+                    failures += 1
+                    if self._ended():
+                        # Read before the server went away (on_complete=stop): the job had ended.
+                        return self._ended()
+                    self._on_unreachable(exc, failures, max_unreachable)
+                    status = JobStatus("unknown", detail=str(exc))
+                # "unknown" read from the server (a malformed record) will not change by waiting.
+                if status.state != "running" and (status.state != "unknown" or failures == 0):
+                    return status
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise JobError(f"job {self.job_name} still {status.state} after {timeout:.0f} s")
+                time.sleep(interval)
+
+    def logs(self, follow: bool = False, stream=None, max_unreachable: int = MAX_UNREACHABLE) -> str:
+        """Return the job's log; with ``follow=True`` also stream it to ``stream``
+        (default stdout) until the job ends.
+
+        A follow whose connection drops reconnects and goes on from the last byte
+        it received; it never starts a stopped server.
+
+        :raises JobUnreachableError: if the server stopped or went away, or could
+            not be reached ``max_unreachable`` times in a row, before the job ended.
+        """
+        if not follow:
+            with self.server.session(start=False) as conn:
+                return protocol.read_log(conn, self.server.job_root, self.job_name)
+        received = 0
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        text = []
+        failures = 0
+        while True:
+            try:
+                with self.server.session(start=False) as conn:
+                    self._read(conn)
+                    for chunk in protocol.stream_log(conn, self.server.job_root, self.job_name,
+                                                     offset=received):
+                        if not chunk:
+                            # Silence: a server stopped under a live connection says nothing either.
+                            state = _server_state(self.server)
+                            if state in GONE:
+                                raise self._gone(state)
+                            continue
+                        received += len(chunk)
+                        failures = 0
+                        piece = decoder.decode(chunk)
+                        text.append(piece)
+                        _write(stream, piece)
+                    with contextlib.suppress(*UNREACHABLE):
+                        # The final state, when the server still answers (on_complete may stop it).
+                        self._read(conn)
+                break
+            except UNREACHABLE as exc:
+                failures += 1
+                self._on_unreachable(exc, failures, max_unreachable)
+        text.append(decoder.decode(b"", final=True))
+        return "".join(text)
+
+    def kill(self) -> bool:
+        """End the job's whole process group. Returns True if it was running."""
+        with self.server.session(start=False) as conn:
+            return protocol.kill(conn, self.server.job_root, self.job_name)
+
+    def resubmit(self, files=None, *, allow_concurrent: bool = False, quiet: bool = False) -> "Job":
+        """Run this job again in place, re-sending only inputs that changed.
+
+        See :meth:`JobsMixin.resubmit`.
+
+        :param files: inputs to upload again; default: those given when this
+            object submitted the job (none for a job found by name).
+        """
+        return self.server.resubmit(self, files if files is not None else self._sources,
+                                    allow_concurrent=allow_concurrent, quiet=quiet)
+
+    def check_output(self, server_path, local_path=".", quiet: bool = False):
+        """Copy outputs of this job to ``local_path``; see :meth:`JobsMixin.check_output`."""
+        return self.server.check_output(server_path, local_path, job=self, quiet=quiet)
+
+    def ls(self) -> list:
+        """Return the files in the job directory, relative to it."""
+        with self.server.session(start=False) as conn:
+            return protocol.list_files(conn, self.server.job_root, self.job_name)
+
+
+def _path_name(item, what):
+    """Return the name ``item`` gets in the job directory; refuse what is not a usable path."""
+    if isinstance(item, bytes) or not isinstance(item, (str, os.PathLike)):
+        raise JobError(f"{what} must be a path, got {type(item).__name__} {item!r}"[:200])
+    text = os.fspath(item)
+    if not text.strip():
+        # Path("") is ".", the current folder: never what an empty argument meant.
+        raise JobError(f"{what} is an empty path: name a file or directory")
+    # As the upload names it: the basename of the path given, a symlink not resolved.
+    return os.path.basename(os.path.abspath(os.path.expanduser(text)))
+
+
+def _script_sources(script, workdir):
+    """Return ``(entry_name, local_path)`` for a script path or a list of commands."""
+    if isinstance(script, (list, tuple)):
+        if not script or not all(isinstance(c, str) for c in script):
+            raise JobError("script must be a path or a non-empty list of command strings")
+        path = Path(workdir) / COMMANDS_SCRIPT
+        path.write_text("set -e\n" + "\n".join(script) + "\n", encoding="utf-8")
+        return COMMANDS_SCRIPT, path
+    if isinstance(script, bytes) or not isinstance(script, (str, os.PathLike)):
+        raise JobError(f"script must be a path or a list of commands, got {type(script).__name__}")
+    name = _path_name(script, "script")
+    path = Path(script).expanduser()
+    if not path.is_file():
+        raise JobError(f"script {path} does not exist: pass a path to a shell script or a list of commands")
+    if protocol.reserved_name(name, script=True):
+        why = "starts with '-'" if name.startswith("-") else "is a name crimpl keeps for its own files"
+        raise JobError(f"script {path} is named {name!r}, which {why}: rename it")
+    return name, path
+
+
+def _check_files(files, entry):
+    if files is None:
+        return []
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    elif isinstance(files, bytes):
+        raise JobError("files must be a path or a list of paths, got bytes")
+    else:
+        try:
+            files = list(files)
+        except TypeError:
+            raise JobError(f"files must be a path or a list of paths, got {type(files).__name__}") from None
+    paths = []
+    names = {entry}
+    for item in files:
+        name = _path_name(item, "an input in files")
+        path = Path(item).expanduser()
+        if not path.exists():
+            raise JobError(f"input {path} does not exist: nothing was sent")
+        if name in names or protocol.reserved_name(name):
+            raise JobError(f"input {path} would land as {name!r} in the job directory, which "
+                           f"{'another input or the script has' if name in names else 'crimpl keeps for itself'}: "
+                           "rename it")
+        names.add(name)
+        paths.append(path)
+    return paths
+
+
+class JobsMixin:
+    """The job API shared by every server kind.
+
+    A subclass provides ``job_root`` (the remote root folder), ``session(start)``
+    (a context manager yielding one open connection, starting the server when
+    ``start`` is true), ``shutdown_command`` and ``_prepare_on_complete(on_complete)``.
+    A server kind that knows its machine's state (``running``, ``stopped``,
+    ``terminated`` ...) exposes it as ``state``; waits then end as soon as it stops.
+    """
+
+    def submit_script(self, script, files=None, *, job_name: str | None = None,
+                      on_complete: str | None = None, allow_concurrent: bool = False,
+                      quiet: bool = False) -> Job:
+        """Send ``script`` and ``files`` to the server and start it detached.
+
+        A submit that was interrupted (the connection dropped during the upload)
+        is completed by submitting again with the same ``job_name``.
+
+        :param script: path of a shell script, or a list of commands.
+        :param files: files or directories copied beside the script.
+        :param job_name: name of the job (default: time and script name).
+        :param on_complete: ``"stop"`` or ``"terminate"`` the server when the
+            script ends (default None: keep it running).
+        :param allow_concurrent: allow this job to start while another runs.
+        :returns: the :class:`Job`, already running.
+        :raises JobError: if the name is taken, or another job is running (checked
+            atomically on the server: of two submits at once, one starts).
+        """
+        from .. import transfer
+
+        if on_complete not in ON_COMPLETE:
+            raise JobError(f"on_complete must be 'stop', 'terminate' or None, got {on_complete!r}")
+        if job_name is not None:
+            check_job_name(job_name)
+        with tempfile.TemporaryDirectory(prefix="crimpl-submit-") as workdir:
+            entry, script_path = _script_sources(script, workdir)
+            inputs = _check_files(files, entry)
+            name = job_name or protocol.new_job_name(entry)
+            wrapper = Path(workdir) / WRAPPER
+            wrapper.write_text(protocol.render_wrapper(name, entry, on_complete, self.shutdown_command),
+                               encoding="utf-8")
+            with self.session(start=True) as conn:
+                existing = _statuses(conn, self.job_root)
+                # A job directory never started is what an interrupted submit left: complete it.
+                if name in existing and existing[name].state != "not-submitted":
+                    raise self._exists(name)
+                running = sorted(n for n, s in existing.items() if s.state == "running")
+                if running and not allow_concurrent:
+                    raise self._busy(running[-1])
+                if on_complete:
+                    self._prepare_on_complete(on_complete)
+                try:
+                    transfer.upload(conn, [script_path, wrapper, *inputs], job_dir(self.job_root, name),
+                                    quiet=quiet)
+                except TransferError as exc:
+                    raise TransferError(f"{exc} (job {name} was not started: submit again with "
+                                        f"job_name={name!r} to complete it)") from exc
+                self._start(conn, name, again=False, allow_concurrent=allow_concurrent)
+        # A list of commands lives in the job directory already; a script file may change locally.
+        sources = ([script_path] if entry != COMMANDS_SCRIPT else []) + inputs
+        return Job(self, name, sources=sources)
+
+    def _exists(self, name):
+        return JobError(f"a job named {name} already exists on {self}; choose another job_name")
+
+    def _busy(self, other):
+        return JobError(f"another job is running on {self}: {other}; wait for it, kill it, "
+                        "or pass allow_concurrent=True (--allow-concurrent)")
+
+    def _start(self, conn, name, *, again, allow_concurrent):
+        outcome, detail = protocol.start(conn, self.job_root, name, again=again,
+                                         allow_concurrent=allow_concurrent)
+        if outcome == "started":
+            if detail["state"] == "not-submitted":
+                raise JobError(f"job {name} did not start within {protocol.START_WAIT} s; see "
+                               f"{job_dir(self.job_root, name)}/{protocol.LOG}")
+            return
+        if outcome == "exists":
+            raise self._exists(name)
+        if outcome == "busy":
+            raise self._busy(detail)
+        if outcome == "running":
+            raise JobError(f"job {name} is still running: kill it before resubmitting")
+        if outcome == "missing":
+            raise JobError(f"job {name} on {self} was never completely uploaded: "
+                           f"submit it again with job_name={name!r}")
+        raise JobError(f"another submit to {self} holds {self.job_root}/jobs/{protocol.LOCK} "
+                       f"(process {detail}); try again, or remove that folder if no submit is running")
+
+    def resubmit(self, job, files=None, *, allow_concurrent: bool = False, quiet: bool = False) -> Job:
+        """Run a job that ended (or was never started) again in place.
+
+        Its log moves to ``crimpl-log.previous``; only inputs that changed are sent again.
+
+        :param job: a :class:`Job` or a job name.
+        :param files: inputs to upload again before it starts.
+        :param allow_concurrent: start even while another job runs.
+        :returns: the :class:`Job`, running.
+        :raises JobError: if there is no such job, it is running, or another job is.
+        """
+        from .. import transfer
+
+        if not isinstance(job, Job):
+            job = Job(self, job)
+        if files is not None:
+            files = _check_files(files, None)
+        with self.session(start=True) as conn:
+            status = _statuses(conn, self.job_root, [job.job_name]).get(job.job_name)
+            if status is None:
+                raise JobError(f"no job {job.job_name} on {self}: `jobs` lists the jobs there")
+            if status.state == "running":
+                raise JobError(f"job {job.job_name} is still running: kill it before resubmitting")
+            if files:
+                transfer.upload(conn, files, job.job_dir, quiet=quiet)
+            self._start(conn, job.job_name, again=True, allow_concurrent=allow_concurrent)
+        job.last_status = None
+        return job
+
+    def run_script(self, script, files=None, *, stream=None, **kwargs) -> int:
+        """Run ``script`` and wait for it, streaming its output as it comes.
+
+        The script runs as a job (so it survives a dropped connection).
+
+        :returns: the exit code, 0.
+        :raises ScriptFailedError: if it exits non-zero, with the code and the last lines.
+        """
+        job = self.submit_script(script, files, **kwargs)
+        text = job.logs(follow=True, stream=stream)
+        status = job.wait(interval=1.0)
+        if status.state != "complete":
+            tail = "\n".join(text.rstrip().splitlines()[-20:])
+            last = tail.splitlines()[-1] if tail else "no output"
+            raise ScriptFailedError(
+                f"job {job.job_name} {status}; last line: {last} (`crimpl logs --job {job.job_name}` shows all)",
+                exit_code=status.exit_code, tail=tail,
+            )
+        return status.exit_code
+
+    @property
+    def jobs(self) -> list:
+        """All jobs on the server, oldest first, as :class:`Job` objects."""
+        return [Job(self, name) for name in self.job_statuses()]
+
+    def job_statuses(self) -> dict:
+        """Return ``{job_name: JobStatus}`` for every job, oldest first."""
+        with self.session(start=False) as conn:
+            statuses = _statuses(conn, self.job_root)
+        return {name: statuses[name] for name in _by_start(statuses)}
+
+    def get_job(self, job_name: str | None = None) -> Job:
+        """Return the job named ``job_name``, or the latest job when None.
+
+        :raises JobError: if there is no such job; the message lists the jobs.
+        """
+        if job_name is not None:
+            check_job_name(job_name)
+        statuses = self.job_statuses()
+        names = list(statuses)
+        if job_name is None:
+            if not names:
+                raise JobError(f"no jobs on {self} yet: submit one first")
+            return Job(self, names[-1])
+        if job_name not in statuses:
+            raise JobError(f"no job {job_name} on {self}; jobs: {', '.join(names) or 'none'}")
+        return Job(self, job_name)
+
+    @property
+    def job_status(self) -> str:
+        """State of the latest job ('not-submitted' if there is none, 'unknown' if unreachable)."""
+        try:
+            statuses = self.job_statuses()
+        except UNREACHABLE:
+            return "unknown"
+        return statuses[list(statuses)[-1]].state if statuses else "not-submitted"
+
+    def check_output(self, server_path, local_path=".", *, job=None, quiet: bool = False):
+        """Copy a job's outputs to ``local_path``.
+
+        :param server_path: path(s) relative to the job directory: files,
+            directories or globs; a string or a list.
+        :param local_path: destination file or directory.
+        :param job: a :class:`Job` or job name; default the latest job.
+        :returns: the transfer report; ``report.replaced`` lists local files that
+            were overwritten with different content.
+        """
+        from .. import transfer
+
+        paths = [server_path] if isinstance(server_path, (str, os.PathLike)) else server_path
+        if not isinstance(paths, (list, tuple)) or not paths or not all(
+                isinstance(p, (str, os.PathLike)) and os.fspath(p).strip() for p in paths):
+            raise TransferError(f"server_path must be a path or a list of paths in the job directory, "
+                                f"got {server_path!r}"[:200])
+        if isinstance(local_path, bytes) or not isinstance(local_path, (str, os.PathLike)) \
+                or not os.fspath(local_path).strip():
+            raise TransferError(f"local_path must be a local file or directory, got {local_path!r}"[:200])
+        if job is None or isinstance(job, str):
+            job = self.get_job(job)
+        with self.session(start=True) as conn:
+            return transfer.download(conn, job.job_dir, server_path, local_path, quiet=quiet)
+
+
+def _by_start(statuses):
+    return sorted(statuses, key=lambda n: (statuses[n].started or "", n))
+
+
+__all__ = ["STATES", "Job", "JobStatus", "JobsMixin"]

@@ -1,0 +1,466 @@
+r"""The job protocol on the server: the files of a job, the shell that runs it, and what it prints.
+
+What a job is lives on the server, not in a Python object, so any process can
+find it again. Every command below is POSIX ``sh`` run over the job's one SSH
+connection (or by ``/bin/sh`` for the local target); it needs GNU ``tail``
+(``--pid``) and ``setsid`` (else ``python3``). Each job has a directory
+``<remote_dir>/jobs/<job_name>/`` (``remote_dir`` is ``crimpl`` under the login
+home on EC2, and ``$CRIMPL_HOME/local`` for the local target) holding:
+
+``<script>``
+    the user's script (its own name, or ``crimpl-script.sh`` for a list of
+    commands) and every input file or directory beside it, under the name it
+    has in the job directory (the basename of the path given, not of a symlink's
+    target). Names starting with ``crimpl-`` or ``.crimpl-`` belong to crimpl,
+    and a script's name may not start with ``-`` (see :func:`reserved_name`);
+``crimpl-job.sh``
+    the wrapper that runs the script; it is started in its own session
+    (``setsid``), so it survives the SSH connection dropping and the local
+    process exiting, and its process id is the job's process group;
+``crimpl-log``
+    the script's stdout and stderr, interleaved (``crimpl-log.previous``: the
+    log of the run before a resubmit);
+``crimpl-status``
+    one JSON line: ``state`` (running, complete, failed, killed), ``exit_code``,
+    ``pid`` (the wrapper's), ``boot_id`` (``/proc/sys/kernel/random/boot_id``)
+    and ``pid_start`` (field 22 of ``/proc/<pid>/stat``, the process start
+    time) where ``/proc`` has them, else empty, ``started``, ``ended`` (UTC ISO
+    times) and ``on_complete``. The wrapper rewrites it atomically (write then
+    rename). ``complete`` is written only for exit code 0; any other exit is
+    ``failed``. No status file: uploaded, never started;
+``crimpl-killed``
+    present once the job was killed.
+
+A job is *alive* only while its recorded pid runs AND, where ``/proc`` tells,
+the boot id and the process start time are the recorded ones: after a reboot the
+pid may belong to an unrelated process, which is then never called the job nor
+killed (:data:`_FUNCTIONS`, the one place that reads a pid). A ``running`` record
+whose process is not alive reads as ``failed`` with no exit code. With
+``on_complete`` set, the wrapper runs the server's shutdown command after the
+script ended (unless it was killed), and the instance's shutdown behaviour
+decides stop or terminate.
+
+Starting a job is atomic: :data:`_START_SCRIPT` holds ``jobs/.crimpl-lock`` (a
+directory, made with ``mkdir``, holding the holder's pid so that the lock of a
+killed submit is broken) while it checks that the job was never started and that
+no other job is running, starts the wrapper and waits for its first status
+record. It prints one line: ``started`` then the record, or the reason it did
+not start (``exists``, ``busy <job>``, ``running``, ``missing``, ``locked``).
+
+The listing (:data:`_STATUS_SCRIPT`) prints one line per job directory:
+``<name>\t<alive|dead>\t<killed|->\t<status record or nothing>``; a record that
+is not the JSON object above reads as state ``unknown`` with the reason.
+"""
+
+import json
+import secrets
+import shlex
+import socket
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..config import is_valid_name
+from ..errors import ConnectionLostError, JobError
+
+STATES = ("not-submitted", "running", "complete", "failed", "killed", "unknown")
+ON_COMPLETE = (None, "stop", "terminate")
+WRAPPER = "crimpl-job.sh"
+LOG = "crimpl-log"
+STATUS = "crimpl-status"
+KILLED = "crimpl-killed"
+COMMANDS_SCRIPT = "crimpl-script.sh"
+#: Prefixes of the names crimpl keeps in a job directory (``.crimpl-``: transfer's temporary files).
+RESERVED_PREFIXES = ("crimpl-", ".crimpl-")
+#: The lock that makes starting a job atomic, in ``<remote_dir>/jobs``.
+LOCK = ".crimpl-lock"
+#: Seconds a killed job gets to end on SIGTERM before its process group gets SIGKILL.
+KILL_GRACE = 10
+#: Seconds a start waits for the lock another start holds.
+LOCK_WAIT = 30
+#: Seconds a start waits for the wrapper's first status record.
+START_WAIT = 10
+#: Bytes of a status file that are read: a record is one short line.
+_RECORD_LIMIT = 4096
+
+# The one reading of a job's pid, shared by every command below and the wrapper.
+_FUNCTIONS = r"""
+crimpl_proc_start() {
+  # Field 22 of /proc/PID/stat (start time); fields are counted after the last ")"
+  # because the command name (field 2) may hold spaces and parentheses.
+  crimpl_s=$(cat "/proc/$1/stat" 2> /dev/null) || return 1
+  crimpl_s=${crimpl_s##*") "}
+  set -f; set -- $crimpl_s; set +f
+  printf '%%s' "${20}"
+}
+crimpl_record() { head -c %(limit)d "$1/%(status)s" 2> /dev/null | tr -d '\n\r'; }
+crimpl_field() { printf '%%s' "$1" | sed -n "s/.*\"$2\": *\"\{0,1\}\([0-9a-f-]*\).*/\1/p"; }
+crimpl_job_pid() {
+  # Print the pid of job directory $1 if that process is still its wrapper.
+  crimpl_r=$(crimpl_record "$1")
+  crimpl_pid=$(crimpl_field "$crimpl_r" pid)
+  # Only a plain number above 1: `kill -- -1` would signal every process.
+  case $crimpl_pid in ''|*[!0-9]*) return 1;; esac
+  [ "$crimpl_pid" -gt 1 ] && kill -0 "$crimpl_pid" 2> /dev/null || return 1
+  crimpl_b=$(crimpl_field "$crimpl_r" boot_id)
+  if [ -n "$crimpl_b" ] && [ -r /proc/sys/kernel/random/boot_id ]; then
+    [ "$crimpl_b" = "$(cat /proc/sys/kernel/random/boot_id)" ] || return 1
+  fi
+  crimpl_t=$(crimpl_field "$crimpl_r" pid_start)
+  if [ -n "$crimpl_t" ] && [ -r "/proc/$crimpl_pid/stat" ]; then
+    [ "$crimpl_t" = "$(crimpl_proc_start "$crimpl_pid")" ] || return 1
+  fi
+  printf '%%s\n' "$crimpl_pid"
+}
+crimpl_running() {
+  crimpl_record "$1" | grep -q '"state": *"running"' && crimpl_job_pid "$1" > /dev/null
+}
+""" % {"limit": _RECORD_LIMIT, "status": STATUS}
+
+_WRAPPER_TEMPLATE = r"""#!/bin/sh
+# crimpl job wrapper, generated by crimpl: runs the script detached and records its status.
+cd "$(dirname "$0")" || exit 70
+{functions}
+ENTRY={entry}
+ON_COMPLETE={on_complete}
+BOOT_ID=$(cat /proc/sys/kernel/random/boot_id 2> /dev/null)
+PID_START=$(crimpl_proc_start $$)
+# Sub-second times where date has %N (GNU), so jobs started in one second still sort.
+now() {{ t=$(date -u +%Y-%m-%dT%H:%M:%S.%N); case $t in *N) t=$(date -u +%Y-%m-%dT%H:%M:%S);; esac; echo "${{t}}Z"; }}
+record() {{
+  printf '{{"state": "%s", "exit_code": %s, "pid": %s, "boot_id": "%s", "pid_start": "%s", "started": "%s", "ended": %s, "on_complete": "%s"}}\n' \
+    "$1" "$2" "$$" "$BOOT_ID" "$PID_START" "$STARTED" "$3" "$ON_COMPLETE" > {status}.tmp && mv -f {status}.tmp {status}
+}}
+# Survive the kill of our own process group long enough to record it.
+trap 'true' TERM INT HUP
+STARTED=$(now)
+record running null null
+CRIMPL_JOB_NAME={name}; CRIMPL_JOB_DIR=$(pwd); export CRIMPL_JOB_NAME CRIMPL_JOB_DIR
+# "./$ENTRY": a name is never read as an option.
+if head -n 1 "./$ENTRY" | grep -q '^#!'; then
+  chmod +x "./$ENTRY"; "./$ENTRY" > {log} 2>&1 < /dev/null &
+elif command -v bash > /dev/null 2>&1; then
+  bash "./$ENTRY" > {log} 2>&1 < /dev/null &
+else
+  sh "./$ENTRY" > {log} 2>&1 < /dev/null &
+fi
+child=$!
+wait "$child"; code=$?
+# A trapped signal ends `wait` early: wait again until the script has really exited.
+while kill -0 "$child" 2> /dev/null; do wait "$child"; code=$?; done
+if [ -e {killed} ]; then state=killed; elif [ "$code" -eq 0 ]; then state=complete; else state=failed; fi
+record "$state" "$code" "\"$(now)\""
+if [ -n "$ON_COMPLETE" ] && [ "$state" != killed ]; then
+  echo "$(now) job $state; on_complete=$ON_COMPLETE: running the shutdown command" >> crimpl-on-complete.log
+  {shutdown} >> crimpl-on-complete.log 2>&1
+fi
+"""
+
+_STATUS_SCRIPT = r"""
+for d in {dirs}; do
+  [ -d "$d" ] || continue
+  d=${{d%/}}
+  r=$(crimpl_record "$d")
+  alive=dead
+  # Only a running record needs its process checked.
+  case $r in *'"running"'*) crimpl_job_pid "$d" > /dev/null && alive=alive;; esac
+  if [ -e "$d/{killed}" ]; then k=killed; else k=-; fi
+  printf '%s\t%s\t%s\t%s\n' "${{d##*/}}" "$alive" "$k" "$r"
+done
+"""
+
+_START_SCRIPT = r"""
+cd {jobs} || exit 3
+name={name}
+lock="$(pwd)/{lock}"
+i=0
+until mkdir "$lock" 2> /dev/null; do
+  holder=$(cat "$lock/pid" 2> /dev/null)
+  # The lock of a start that was killed is broken once its holder is gone (or,
+  # killed before it wrote its pid, after a minute).
+  if {{ [ -n "$holder" ] && ! kill -0 "$holder" 2> /dev/null; }} ||
+     {{ [ -z "$holder" ] && [ -n "$(find "$lock" -maxdepth 0 -mmin +1 2> /dev/null)" ]; }}; then
+    rm -rf "$lock"; continue
+  fi
+  i=$((i+1)); if [ $i -ge {lock_ticks} ]; then echo "locked $holder"; exit 0; fi
+  sleep 0.1
+done
+echo $$ > "$lock/pid"
+trap 'rm -rf "$lock"' EXIT
+trap 'exit 129' HUP INT TERM
+if [ ! -f "$name/{wrapper}" ]; then echo missing; exit 0; fi
+if [ {again} = no ] && [ -e "$name/{status}" ]; then echo exists; exit 0; fi
+if [ {again} = yes ] && crimpl_running "$name"; then echo running; exit 0; fi
+if [ {allow_concurrent} = no ]; then
+  for d in */; do
+    d=${{d%/}}
+    if [ "$d" != "$name" ] && crimpl_running "$d"; then
+      # A new job refused for another one leaves nothing behind.
+      [ {again} = yes ] || rm -rf -- "$name"
+      echo "busy $d"; exit 0
+    fi
+  done
+fi
+cd "$name" || exit 3
+# Temporary folders of interrupted uploads.
+rm -rf ./.crimpl-upload-*
+rm -f {status} {killed}
+if [ {again} = yes ] && [ -e {log} ]; then mv -f {log} {log}.previous; fi
+if command -v setsid > /dev/null 2>&1; then
+  setsid -f sh {wrapper} < /dev/null > /dev/null 2>&1
+else
+  python3 -c 'import subprocess, sys; subprocess.Popen(["sh", sys.argv[1]], start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)' {wrapper}
+fi
+i=0
+while [ ! -s {status} ] && [ $i -lt {start_ticks} ]; do sleep 0.05; i=$((i+1)); done
+printf 'started\t%s\n' "$(crimpl_record .)"
+"""
+
+_KILL_SCRIPT = r"""
+cd {job_dir} || exit 3
+pid=$(crimpl_job_pid .) || {{ echo not-running; exit 0; }}
+touch {killed}
+kill -TERM -- -"$pid" 2> /dev/null
+i=0
+while kill -0 "$pid" 2> /dev/null && [ $i -lt {grace_ticks} ]; do sleep 0.1; i=$((i+1)); done
+if kill -0 "$pid" 2> /dev/null || ! grep -q '"state": "killed"' {status}; then
+  kill -KILL -- -"$pid" 2> /dev/null
+  ended=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+  sed 's/"state": "running", "exit_code": null/"state": "killed", "exit_code": 137/; s/"ended": null/"ended": "'"$ended"'"/' \
+    {status} > {status}.tmp && mv -f {status}.tmp {status}
+fi
+echo killed
+"""
+
+# Prints the log from byte offset+1; while the job is alive, follows it until the job ends.
+_FOLLOW_SCRIPT = r"""
+cd {job_dir} || exit 3
+if pid=$(crimpl_job_pid .); then
+  # -F: the wrapper may not have created the log yet.
+  exec tail -c +{start} -s 0.5 -F --pid="$pid" {log}
+fi
+[ -e {log} ] || exit 0
+exec tail -c +{start} {log}
+"""
+
+
+def _script(body: str, **fields) -> str:
+    """Return ``body`` formatted with ``fields``, after the shared shell functions."""
+    return _FUNCTIONS + body.format(**fields)
+
+
+def run(conn, command, **kwargs):
+    """Run ``command`` on ``conn`` quietly; raise :class:`ConnectionLostError` if the connection fails."""
+    import paramiko
+
+    kwargs.setdefault("hide", True)
+    try:
+        return conn.run(command, warn=True, in_stream=False, **kwargs)
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        raise ConnectionLostError(f"lost the SSH connection while running a job command: {exc}") from exc
+
+
+def _checked(result, what):
+    if result.exited != 0:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        raise JobError(f"{what} failed on the server (exit {result.exited}): "
+                       f"{detail[-1] if detail else 'no output'}")
+    return result
+
+
+def job_dir(root: str, name: str) -> str:
+    """Return the job directory of ``name`` under the remote root ``root``."""
+    return f"{root.rstrip('/')}/jobs/{name}"
+
+
+def new_job_name(entry: str) -> str:
+    """Return a fresh job name: ``<UTC time>-<script stem>-<4 hex digits>``.
+
+    The random tail keeps two submissions in the same second apart.
+    """
+    stem = Path(entry).stem if entry != COMMANDS_SCRIPT else "commands"
+    stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in stem)[:30] or "job"
+    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{stem}-{secrets.token_hex(2)}"
+
+
+def check_job_name(name) -> None:
+    """Raise :class:`JobError` unless ``name`` is a valid job name."""
+    if not is_valid_name(name):
+        raise JobError(f"job name {name!r} is not valid: use letters, digits, '.', '_' and '-'")
+
+
+def reserved_name(name: str, script: bool = False) -> bool:
+    """Is ``name`` (as it appears in the job directory) one crimpl keeps for itself?
+
+    :param script: the name of the script, which may not start with ``-`` either.
+    """
+    return name.startswith(RESERVED_PREFIXES) or name in ("", ".", "..") or (
+        script and name.startswith("-"))
+
+
+def render_wrapper(name: str, entry: str, on_complete: str | None, shutdown_command: str) -> str:
+    """Return the text of ``crimpl-job.sh`` for one job."""
+    return _WRAPPER_TEMPLATE.format(
+        functions=_FUNCTIONS.strip(), entry=shlex.quote(entry), name=shlex.quote(name),
+        on_complete=shlex.quote(on_complete or ""), shutdown=shutdown_command, status=STATUS,
+        log=LOG, killed=KILLED,
+    )
+
+
+# -- reading what the commands print ---------------------------------------------------------
+
+
+def parse_listing(text: str) -> dict:
+    """Return ``{job_name: record}`` from the listing :data:`_STATUS_SCRIPT` prints."""
+    records = {}
+    for line in text.splitlines():
+        parts = line.split("\t", 3)
+        if len(parts) != 4 or not is_valid_name(parts[0]):
+            continue
+        name, alive, killed, record = parts
+        records[name] = parse_record(record, alive == "alive", killed == "killed")
+    return records
+
+
+def parse_record(text: str, alive: bool, killed: bool) -> dict:
+    """Return the fields of a :class:`~crimpl.jobs.JobStatus` from one status record.
+
+    :param text: the record (empty: the job was never started).
+    :param alive: the recorded process is still the job's.
+    :param killed: the job was killed.
+    """
+    if not text.strip():
+        return {"state": "not-submitted", "detail": "uploaded but never started"}
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {"state": "unknown", "detail": f"unreadable {STATUS} (not JSON): {text[:60]!r}"}
+    if not isinstance(data, dict):
+        return {"state": "unknown", "detail": f"unreadable {STATUS} (not a JSON object): {text[:60]!r}"}
+    problem = _record_problem(data)
+    if problem:
+        return {"state": "unknown", "detail": f"unreadable {STATUS}: {problem}"}
+    fields = {"exit_code": data.get("exit_code"), "started": data.get("started"),
+              "ended": data.get("ended"), "on_complete": data.get("on_complete") or None}
+    state = data["state"]
+    if state == "running" and not alive:
+        if killed:
+            return {"state": "killed", **fields}
+        return {"state": "failed", **fields,
+                "detail": "the job's process ended without recording an exit code "
+                          "(was the server restarted?)"}
+    return {"state": state, **fields}
+
+
+def _record_problem(data):
+    """What is wrong with a parsed status record, or None."""
+    state = data.get("state")
+    if state not in STATES[1:5]:
+        return f"state {state!r} is not one of {', '.join(STATES[1:5])}"
+    code = data.get("exit_code")
+    if code is not None and (isinstance(code, bool) or not isinstance(code, int)):
+        return f"exit_code {code!r} is not a number"
+    for key in ("started", "ended"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            return f"{key} {data[key]!r} is not a time"
+    if data.get("on_complete") not in (*ON_COMPLETE, ""):
+        return f"on_complete {data['on_complete']!r} is not stop, terminate or empty"
+    return None
+
+
+# -- the commands ---------------------------------------------------------------------------
+
+
+def read_records(conn, root: str, names=None) -> dict:
+    """Return ``{job_name: record}`` for the given jobs that exist, or for every job under ``root``."""
+    if names is None:
+        dirs = f"{shlex.quote(root.rstrip('/') + '/jobs')}/*/"
+    else:
+        dirs = " ".join(shlex.quote(job_dir(root, n)) for n in names)
+    result = run(conn, _script(_STATUS_SCRIPT, dirs=dirs, killed=KILLED))
+    return parse_listing(result.stdout)
+
+
+def start(conn, root: str, name: str, *, again: bool = False, allow_concurrent: bool = False):
+    """Start the job's wrapper detached, atomically with the checks.
+
+    :param again: run a job that ran before (a resubmit); else the job must never have started.
+    :param allow_concurrent: start even while another job runs.
+    :returns: ``(outcome, detail)``: ``("started", record fields)``, or the reason it
+        did not start: ``("exists", None)``, ``("busy", other job)``, ``("running", None)``,
+        ``("missing", None)`` (no wrapper), ``("locked", holder pid)``.
+    """
+    script = _script(
+        _START_SCRIPT, jobs=shlex.quote(root.rstrip("/") + "/jobs"), name=shlex.quote(name),
+        lock=LOCK, lock_ticks=LOCK_WAIT * 10, start_ticks=START_WAIT * 20, wrapper=WRAPPER,
+        status=STATUS, killed=KILLED, log=LOG, again="yes" if again else "no",
+        allow_concurrent="yes" if allow_concurrent else "no",
+    )
+    result = _checked(run(conn, script), f"starting job {name}")
+    lines = result.stdout.strip().splitlines()
+    last = lines[-1] if lines else ""
+    if last.startswith("started"):
+        return "started", parse_record(last.partition("\t")[2], True, False)
+    outcome, _, detail = last.partition(" ")
+    if outcome not in ("exists", "busy", "running", "missing", "locked"):
+        raise JobError(f"starting job {name} failed on the server: unexpected answer {outcome!r}")
+    return outcome, detail or None
+
+
+def kill(conn, root: str, name: str) -> bool:
+    """End the job's whole process group; return True if it was running."""
+    script = _script(_KILL_SCRIPT, job_dir=shlex.quote(job_dir(root, name)), status=STATUS,
+                     killed=KILLED, grace_ticks=KILL_GRACE * 10)
+    result = _checked(run(conn, script), f"killing job {name}")
+    return result.stdout.strip().endswith("killed")
+
+
+def read_log(conn, root: str, name: str) -> str:
+    """Return the job's log as it is now."""
+    return run(conn, f"cat {shlex.quote(job_dir(root, name) + '/' + LOG)} 2> /dev/null").stdout
+
+
+def stream_log(conn, root: str, name: str, offset: int = 0, tick: float = 15.0):
+    """Yield the job's log from byte ``offset``, following it while the job is alive.
+
+    Yields ``bytes``; an empty chunk every ``tick`` seconds without data, so that the
+    caller can look at the server between chunks. Returns once the job ended and
+    every byte was read.
+
+    :raises ConnectionLostError: if the stream was cut (the caller may resume from
+        the bytes it got).
+    :raises JobError: if the command failed on the server.
+    """
+    from ..transfer.streams import CHUNK, CONNECTION_ERRORS, open_stream, opened
+
+    script = _script(_FOLLOW_SCRIPT, job_dir=shlex.quote(job_dir(root, name)), log=LOG,
+                     start=offset + 1)
+    try:
+        with opened(open_stream(conn, script)) as stream:
+            channel = getattr(stream, "channel", None)  # None for the local target's process
+            if channel is not None:
+                channel.settimeout(tick)
+            while True:
+                try:
+                    data = stream.recv(CHUNK)
+                except socket.timeout:
+                    yield b""
+                    continue
+                if not data:
+                    break
+                yield data
+            status, stderr = stream.finish()
+    except CONNECTION_ERRORS as exc:
+        raise ConnectionLostError(f"the log stream of job {name} was cut: {exc}") from exc
+    if status == -1:
+        raise ConnectionLostError(f"the log stream of job {name} was cut (no exit status)")
+    if status != 0:
+        last = stderr.strip().splitlines()
+        raise JobError(f"following the log of job {name} failed on the server (exit {status}): "
+                       f"{last[-1] if last else 'no output'}")
+
+
+def list_files(conn, root: str, name: str) -> list:
+    """Return the files in the job directory, relative to it, sorted."""
+    directory = shlex.quote(job_dir(root, name))
+    result = run(conn, f"cd {directory} 2> /dev/null && find . -mindepth 1 | sort")
+    return [line[2:] for line in result.stdout.splitlines() if line.startswith("./")]
