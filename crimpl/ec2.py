@@ -7,35 +7,62 @@ Every botocore error is turned into a :class:`~crimpl.errors.CrimplError` here,
 in :func:`api_errors`, with a message that says what to do.
 """
 
+from __future__ import annotations
+
 import base64
 import contextlib
+import functools
+import hashlib
+import math
 import os
 import re
 import time
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
+from typing import Any
 
-from .config import UBUNTU_NAME_PATTERN, UBUNTU_OWNER
-from .errors import AWSError, InstanceNotFoundError, InstanceStateError
+from .config import UBUNTU_NAME_PATTERN, UBUNTU_OWNER, InstanceSpec
+from .errors import AWSError, ConfigError, InstanceNotFoundError, InstanceStateError
+from .log import warn
 
 MANAGED_TAG = "crimpl:managed"
 NAME_TAG = "crimpl:name"
+#: Every state but terminated: what still exists (and may bill).
 ALIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
+#: The states of a server that is there to stay (shutting-down is on its way out).
+LIVE_STATES = ("pending", "running", "stopping", "stopped")
 #: Poll every 1.5 s: boto3's own waiters poll every 15 s, far too slow for an interactive tool.
 POLL_INTERVAL = 1.5
 DEFAULT_TIMEOUT = 600.0
+#: How many client tokens one launch tries before giving up (see :func:`launch`).
+TOKEN_ATTEMPTS = 8
+#: Seconds to wait for the instance of another `up` that holds our client token to be listed.
+TOKEN_WAIT = 15.0
 
 
-def client(region=None):
-    """Return an EC2 client from boto3's standard configuration.
+def client(region: str | None = None) -> Any:
+    """Return an EC2 client from boto3's standard configuration, cached.
+
+    The client is made once per region and per value of the ``AWS_*``
+    environment variables (credentials, profile, endpoint, retries), which is
+    everything boto3 reads from the environment: a changed variable gets a new
+    client, an unchanged one reuses the session (creating one costs ~0.4 s).
 
     :param region: region name; None: ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` / the profile's.
     :raises AWSError: if no region is configured anywhere or the profile is unknown.
     """
+    # boto3 reads only AWS_DEFAULT_REGION; AWS_REGION (what the other SDKs and our messages use) wins.
+    region = region or os.environ.get("AWS_REGION") or None
+    aws_env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    return _cached_client(region, aws_env)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_client(region, aws_env):
+    """Make the client of :func:`client`; ``aws_env`` is only the cache key (boto3 reads os.environ)."""
     import boto3
     import botocore.exceptions
 
-    # boto3 reads only AWS_DEFAULT_REGION; AWS_REGION (what the other SDKs and our messages use) wins.
-    region = region or os.environ.get("AWS_REGION") or None
     try:
         session = boto3.session.Session(region_name=region)
         if not session.region_name:
@@ -47,8 +74,14 @@ def client(region=None):
         raise AWSError(f"{exc}: fix AWS_PROFILE or run `aws configure --profile NAME`") from exc
 
 
+def error_code(exc: BaseException) -> str:
+    """Return the EC2 error code of a botocore ``ClientError`` ('' for anything else)."""
+    response = getattr(exc, "response", None) or {}
+    return response.get("Error", {}).get("Code", "")
+
+
 @contextlib.contextmanager
-def api_errors(instance_id=None):
+def api_errors(instance_id: str | None = None) -> Iterator[None]:
     """Turn botocore errors raised inside the block into crimpl errors."""
     import botocore.exceptions as bx
 
@@ -70,7 +103,7 @@ def api_errors(instance_id=None):
         if code.startswith("InvalidInstanceID"):
             raise InstanceNotFoundError(
                 f"no EC2 instance {instance_id or ''} in this account and region: "
-                "check the id and AWS_REGION (`invoke list` shows crimpl's instances)",
+                "check the id and AWS_REGION (`crimpl list` shows crimpl's instances)",
                 instance_id,
             ) from exc
         if code in ("AuthFailure", "UnrecognizedClientException", "InvalidClientTokenId",
@@ -80,7 +113,7 @@ def api_errors(instance_id=None):
             raise AWSError(f"not allowed by IAM ({code}): {message.splitlines()[0] if message else ''} "
                            "- grant the EC2 permissions listed in the README") from exc
         if code == "IncorrectInstanceState":
-            raise InstanceStateError(f"{message}; check `invoke status`", instance_id) from exc
+            raise InstanceStateError(f"{message}; check `crimpl status`", instance_id) from exc
         raise AWSError(f"EC2 refused the request ({code}): {message}") from exc
     except bx.BotoCoreError as exc:
         raise AWSError(f"EC2 request failed: {exc}") from exc
@@ -92,13 +125,13 @@ def api_errors(instance_id=None):
 _UBUNTU_VERSION = re.compile(r"ubuntu-[a-z]+-(\d+)\.(\d+)-amd64-server-")
 
 
-def is_lts(name):
+def is_lts(name: str) -> bool:
     """Return True if ``name`` is an Ubuntu LTS server image name (YY.04 with an even YY)."""
     match = _UBUNTU_VERSION.search(name)
     return bool(match) and match.group(2) == "04" and int(match.group(1)) % 2 == 0
 
 
-def newest_ubuntu_lts(ec2):
+def newest_ubuntu_lts(ec2: Any) -> str:
     """Return the image id of the current Ubuntu LTS (newest release, then newest build).
 
     Only Canonical's own amd64 server images count, so a look-alike image from
@@ -113,6 +146,15 @@ def newest_ubuntu_lts(ec2):
                 {"Name": "state", "Values": ["available"]},
             ],
         )["Images"]
+    return newest_lts_image(images)
+
+
+def newest_lts_image(images: Iterable[dict]) -> str:
+    """Return the ``ImageId`` of the newest Ubuntu LTS release, then its newest build, among
+    ``images`` (as EC2's DescribeImages gives them: ``ImageId``, ``Name``, ``CreationDate``).
+
+    :raises AWSError: if none is an LTS release.
+    """
     lts = [img for img in images if is_lts(img["Name"])]
     if not lts:
         raise AWSError("no Ubuntu LTS image found in this region: pass ImageId=ami-... in the config")
@@ -135,24 +177,35 @@ def _tag_filters(name=None):
     return filters
 
 
-def find_instances(ec2, name=None, include_terminated=False):
+def find_instances(ec2: Any, name: str | None = None, include_terminated: bool = False,
+                   states: Iterable[str] | None = None) -> list[dict]:
     """Return crimpl-managed instances (dicts as EC2 describes them), oldest launch first.
+
+    Ties on launch time (EC2 reports whole seconds) go to the lower instance id,
+    so every caller sees the same order; the first of a name is its server.
 
     :param name: only the instance(s) with this ``crimpl:name`` tag.
     :param include_terminated: also return terminated instances.
+    :param states: only instances in these states (wins over ``include_terminated``).
     """
     filters = _tag_filters(name)
-    if not include_terminated:
-        filters.append({"Name": "instance-state-name", "Values": list(ALIVE_STATES)})
+    if states is None and not include_terminated:
+        states = ALIVE_STATES
+    if states is not None:
+        filters.append({"Name": "instance-state-name", "Values": list(states)})
     instances = []
     with api_errors():
         for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
             for reservation in page["Reservations"]:
                 instances.extend(reservation["Instances"])
-    return sorted(instances, key=lambda i: i["LaunchTime"])
+    return sorted(instances, key=_launch_order)
 
 
-def describe(ec2, instance_id):
+def _launch_order(instance):
+    return instance["LaunchTime"], instance["InstanceId"]
+
+
+def describe(ec2: Any, instance_id: str) -> dict:
     """Return the EC2 description of ``instance_id``.
 
     :raises InstanceNotFoundError: if there is no such instance.
@@ -168,25 +221,17 @@ def describe(ec2, instance_id):
     return reservations[0]["Instances"][0]
 
 
-def tags_of(instance):
+def tags_of(instance: dict) -> dict[str, str]:
     """Return an instance's tags as a dict."""
     return {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
 
 
-def state_of(instance):
+def state_of(instance: dict) -> str:
     """Return an instance's state name (``running``, ``stopped``, ...)."""
     return instance["State"]["Name"]
 
 
-def user_data(ec2, instance_id):
-    """Return the decoded user data of ``instance_id`` ('' if none)."""
-    with api_errors(instance_id):
-        attr = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
-    value = attr.get("UserData", {}).get("Value")
-    return base64.b64decode(value).decode() if value else ""
-
-
-def set_shutdown_behavior(ec2, instance_id, behavior):
+def set_shutdown_behavior(ec2: Any, instance_id: str, behavior: str) -> None:
     """Set what a shutdown from inside the instance does: ``stop`` or ``terminate``."""
     with api_errors(instance_id):
         # The Attribute/Value form: EC2 accepts it for this attribute, and so does moto_server,
@@ -196,20 +241,18 @@ def set_shutdown_behavior(ec2, instance_id, behavior):
         )
 
 
-def shutdown_behavior(ec2, instance_id):
-    """Return the instance's ``InstanceInitiatedShutdownBehavior``."""
+def set_tags(ec2: Any, instance_id: str, tags: dict[str, str]) -> None:
+    """Add or overwrite tags of an instance (``{key: value}``)."""
     with api_errors(instance_id):
-        attr = ec2.describe_instance_attribute(
-            InstanceId=instance_id, Attribute="instanceInitiatedShutdownBehavior"
-        )
-    return attr["InstanceInitiatedShutdownBehavior"]["Value"]
+        ec2.create_tags(Resources=[instance_id], Tags=[{"Key": k, "Value": v} for k, v in tags.items()])
 
 
 # ---------------------------------------------------------------------------
 # Launching from a spec
 
 
-def run_instances_params(spec, image_id, key_name, security_group_ids):
+def run_instances_params(spec: InstanceSpec, image_id: str, key_name: str,
+                         security_group_ids: Iterable[str] | None) -> dict[str, Any]:
     """Render an :class:`~crimpl.config.InstanceSpec` as the parameters of ``RunInstances``.
 
     This is the boto3 rendering of the spec; ``infra/__main__.py`` is the Pulumi
@@ -246,60 +289,194 @@ def run_instances_params(spec, image_id, key_name, security_group_ids):
     return params
 
 
-def ensure_key_pair(ec2, spec):
+def key_fingerprints(public_line: str) -> set[str]:
+    """Return the fingerprints EC2 may report for ``public_line`` once imported.
+
+    EC2 reports the MD5 of the DER public key for an imported RSA key, and the
+    base64 SHA-256 of the OpenSSH key blob (as ``ssh-keygen -l`` shows it) for
+    an ed25519 key; moto_server reports the SHA-256 of the DER key, hex, for ed25519.
+
+    :raises ConfigError: if ``public_line`` is not an OpenSSH public key.
+    """
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        key = serialization.load_ssh_public_key(public_line.encode())
+        blob = base64.b64decode(public_line.split()[1])
+    except (ValueError, IndexError, TypeError) as exc:
+        raise ConfigError(
+            f"KeyFile: its public key {public_line[:40]!r}... is not an OpenSSH public key"
+        ) from exc
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    sha = base64.b64encode(hashlib.sha256(blob).digest()).decode()
+    return {
+        _colons(hashlib.md5(der, usedforsecurity=False).digest()),
+        sha, sha.rstrip("="),
+        _colons(hashlib.sha256(der).digest()),
+    }
+
+
+def _colons(digest):
+    return ":".join(f"{b:02x}" for b in digest)
+
+
+def ensure_key_pair(ec2: Any, spec: InstanceSpec) -> str:
     """Return the key pair name for ``spec``, importing its public key when it names none.
 
     An imported key pair is tagged with the server name so ``destroy`` can remove it.
+    A key pair of that name that holds another key (the key file was rotated) is
+    replaced when crimpl made it for this server and no live instance uses it;
+    otherwise it is refused, never used.
+
+    :raises ConfigError: if the existing key pair holds another key and cannot be replaced.
     """
     if spec.key_name:
         return spec.key_name
+    import botocore.exceptions as bx
+
     name = spec.key_pair_name
+    wanted = key_fingerprints(spec.public_key)
     with api_errors():
-        existing = ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [name]}])["KeyPairs"]
-        if not existing:
-            ec2.import_key_pair(
-                KeyName=name,
-                PublicKeyMaterial=spec.public_key.encode(),
-                TagSpecifications=[{"ResourceType": "key-pair", "Tags": _crimpl_only_tags(spec)}],
-            )
-    return name
+        # A few rounds: another `up` may import the same name between our look and our import.
+        for _ in range(3):
+            found = ec2.describe_key_pairs(Filters=[{"Name": "key-name", "Values": [name]}])["KeyPairs"]
+            if found and found[0].get("KeyFingerprint") in wanted:
+                return name
+            if found:
+                _delete_stale_key_pair(ec2, spec, found[0])
+            try:
+                ec2.import_key_pair(
+                    KeyName=name,
+                    PublicKeyMaterial=spec.public_key.encode(),
+                    TagSpecifications=[{"ResourceType": "key-pair", "Tags": _crimpl_only_tags(spec)}],
+                )
+                return name
+            except bx.ClientError as exc:
+                if error_code(exc) != "InvalidKeyPair.Duplicate":
+                    raise
+    raise AWSError(f"key pair {name} keeps changing while crimpl imports it: is another `crimpl up` "
+                   "running with another key file? Run up again once it has finished")
 
 
-def ensure_security_group(ec2, spec, cidrs):
+def _delete_stale_key_pair(ec2, spec, pair):
+    name = pair["KeyName"]
+    advice = (f"delete it (aws ec2 delete-key-pair --key-name {name}) or set KeyName (crimpl:keyName) "
+              "to a key pair of your key file")
+    if not _is_ours(pair.get("Tags", []), spec.server_name):
+        raise ConfigError(f"key pair {name} exists in EC2 with another key than KeyFile and crimpl did not "
+                          f"create it: {advice}")
+    users = ec2.describe_instances(Filters=[{"Name": "key-name", "Values": [name]},
+                                            {"Name": "instance-state-name", "Values": list(ALIVE_STATES)}])
+    user_ids = [i["InstanceId"] for r in users["Reservations"] for i in r["Instances"]]
+    if user_ids:
+        raise ConfigError(f"key pair {name} holds another key than KeyFile and {', '.join(user_ids)} still "
+                          f"uses it: log in with the old key, or end that server first; or {advice}")
+    warn(f"key pair {name} held another key than KeyFile (rotated?): replacing it")
+    ec2.delete_key_pair(KeyName=name)
+
+
+def _is_ours(tags, server_name):
+    tags = {t["Key"]: t["Value"] for t in tags}
+    return tags.get(MANAGED_TAG) == "true" and tags.get(NAME_TAG) == server_name
+
+
+def ensure_security_group(ec2: Any, spec: InstanceSpec, cidrs: Iterable[str]) -> str:
     """Return the security group id for ``spec``: the named one, or crimpl's SSH-only group.
 
-    crimpl's group allows TCP 22 from ``cidrs`` only and nothing else in.
+    crimpl's group allows TCP 22 from ``cidrs`` only and nothing else in. A group
+    of that name that already exists is checked before it is used: any rule but
+    TCP 22 is refused; TCP 22 from other networks is removed when crimpl made the
+    group for this server, and refused otherwise.
+
+    :raises ConfigError: if an existing group of crimpl's name lets in more than that.
     """
     if spec.security_group_id:
         return spec.security_group_id
+    import botocore.exceptions as bx
+
+    cidrs = list(cidrs)
     with api_errors():
         vpc_id = _vpc_of(ec2, spec.subnet_id)
-        found = ec2.describe_security_groups(Filters=[
-            {"Name": "group-name", "Values": [spec.security_group_name]},
-            {"Name": "vpc-id", "Values": [vpc_id]},
-        ])["SecurityGroups"]
-        if found:
-            group_id = found[0]["GroupId"]
-            have = {r.get("CidrIp") for p in found[0]["IpPermissions"] for r in p.get("IpRanges", [])}
-            missing = [c for c in cidrs if c not in have]
-        else:
-            group_id = ec2.create_security_group(
-                GroupName=spec.security_group_name,
-                Description=f"crimpl: SSH to {spec.server_name} from the owner address only",
-                VpcId=vpc_id,
-                TagSpecifications=[{"ResourceType": "security-group", "Tags": _crimpl_only_tags(spec)}],
-            )["GroupId"]
-            missing = list(cidrs)
+        group = _find_group(ec2, spec, vpc_id)
+        if group is None:
+            try:
+                group_id = ec2.create_security_group(
+                    GroupName=spec.security_group_name,
+                    Description=f"crimpl: SSH to {spec.server_name} from the owner address only",
+                    VpcId=vpc_id,
+                    TagSpecifications=[{"ResourceType": "security-group", "Tags": _crimpl_only_tags(spec)}],
+                )["GroupId"]
+                missing = cidrs
+            except bx.ClientError as exc:
+                if error_code(exc) != "InvalidGroup.Duplicate":
+                    raise
+                # Another `up` created it at the same moment: check it like any existing group.
+                group = _find_group(ec2, spec, vpc_id)
+        if group is not None:
+            group_id = group["GroupId"]
+            missing = _check_adopted_group(ec2, spec, group, cidrs)
         if missing:
-            ec2.authorize_security_group_ingress(GroupId=group_id, IpPermissions=[ssh_permission(missing)])
+            try:
+                ec2.authorize_security_group_ingress(GroupId=group_id,
+                                                     IpPermissions=[ssh_permission(missing)])
+            except bx.ClientError as exc:
+                if error_code(exc) != "InvalidPermission.Duplicate":  # added by a concurrent `up`
+                    raise
     return group_id
 
 
-def ssh_permission(cidrs):
-    """Return the one ingress rule crimpl's security group has: TCP 22 from ``cidrs``."""
+def _find_group(ec2, spec, vpc_id):
+    found = ec2.describe_security_groups(Filters=[
+        {"Name": "group-name", "Values": [spec.security_group_name]},
+        {"Name": "vpc-id", "Values": [vpc_id]},
+    ])["SecurityGroups"]
+    return found[0] if found else None
+
+
+def _check_adopted_group(ec2, spec, group, cidrs):
+    """Return the ``cidrs`` the existing ``group`` lacks; raise if it lets in anything else."""
+    group_id, name = group["GroupId"], group["GroupName"]
+    have, extra, foreign = set(), [], []
+    for rule in group.get("IpPermissions", []):
+        sources = ([r["CidrIp"] for r in rule.get("IpRanges", [])]
+                   + [r["CidrIpv6"] for r in rule.get("Ipv6Ranges", [])])
+        is_ssh = (rule.get("IpProtocol"), rule.get("FromPort"), rule.get("ToPort")) == ("tcp", 22, 22)
+        if not is_ssh or rule.get("UserIdGroupPairs") or rule.get("PrefixListIds"):
+            protocol = "all protocols" if rule.get("IpProtocol") == "-1" else (
+                f"{rule.get('IpProtocol')} {rule.get('FromPort')}-{rule.get('ToPort')}")
+            foreign.append(f"{protocol} from {', '.join(sources) or 'other groups or prefix lists'}")
+            continue
+        for source in sources:
+            if source in cidrs:
+                have.add(source)
+            else:
+                extra.append(source)
+    advice = (f"delete it (aws ec2 delete-security-group --group-id {group_id}) and run up again, "
+              "or set SecurityGroupId (crimpl:securityGroupId) to a group you manage")
+    if foreign:
+        raise ConfigError(f"security group {name} ({group_id}) exists and lets in more than SSH: "
+                          f"{'; '.join(foreign)}: {advice}")
+    if extra:
+        if not _is_ours(group.get("Tags", []), spec.server_name):
+            raise ConfigError(f"security group {name} ({group_id}) exists, crimpl did not create it, and it "
+                              f"lets SSH in from {', '.join(extra)}: {advice}")
+        # crimpl's own group from an earlier run: those were the caller's addresses then.
+        warn(f"security group {name}: no longer letting SSH in from {', '.join(extra)}")
+        ec2.revoke_security_group_ingress(GroupId=group_id, IpPermissions=[ssh_permission(extra)])
+    return [c for c in cidrs if c not in have]
+
+
+def ssh_permission(cidrs: Iterable[str]) -> dict[str, Any]:
+    """Return the one ingress rule crimpl's security group has: TCP 22 from ``cidrs``.
+
+    IPv4 networks go in ``IpRanges``, IPv6 ones in ``Ipv6Ranges``: EC2 takes each only in its own field.
+    """
+    cidrs = list(cidrs)
+    description = "crimpl: SSH from the owner"
     return {
         "IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
-        "IpRanges": [{"CidrIp": c, "Description": "crimpl: SSH from the owner"} for c in cidrs],
+        "IpRanges": [{"CidrIp": c, "Description": description} for c in cidrs if ":" not in c],
+        "Ipv6Ranges": [{"CidrIpv6": c, "Description": description} for c in cidrs if ":" in c],
     }
 
 
@@ -317,35 +494,108 @@ def _crimpl_only_tags(spec):
     return [{"Key": k, "Value": v} for k, v in spec.tags.items() if k != "crimpl:host-key"]
 
 
-def launch(ec2, spec, cidrs):
-    """Launch one instance from ``spec`` and return its description.
+def client_token(server_name: str, gone: Iterable[str], attempt: int = 0, now: datetime | None = None) -> str:
+    """Return the ``ClientToken`` of a launch: the same for every `up` of one server at one time.
+
+    EC2 launches once per token: a second RunInstances with the same token (a
+    retry, or another `up` at the same moment) gets the first one's instance or
+    an ``IdempotentParameterMismatch``, never a second instance. A server
+    launched again after a destroy needs a new token: ``gone`` (the ids of the
+    name's terminated instances, which EC2 lists for about an hour) and the UTC
+    hour change it; ``attempt`` moves past a token EC2 still holds anyway.
+    """
+    hour = (now or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H")
+    parts = [server_name, hour, *sorted(gone), str(attempt)]
+    return f"crimpl-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:48]}"  # EC2 takes 64 characters
+
+
+def launch(ec2: Any, spec: InstanceSpec, cidrs: Iterable[str]) -> tuple[dict, bool]:
+    """Launch the one instance of ``spec``, even when another `up` launches it at the same moment.
+
+    Two guards: a ``ClientToken`` derived from the server name (:func:`client_token`),
+    with which EC2 itself launches once; and :func:`settle` after the launch,
+    which keeps the oldest instance of the name and terminates the others, for
+    endpoints that do not honour the token (moto_server does not).
 
     :param cidrs: networks allowed to SSH when crimpl creates the security group.
+    :returns: ``(instance, launched)``: the server's instance as EC2 describes it,
+        and whether this call launched it (False: another `up` did).
     """
+    import botocore.exceptions as bx
+
     image_id = spec.image_id or newest_ubuntu_lts(ec2)
     key_name = ensure_key_pair(ec2, spec)
     group_id = ensure_security_group(ec2, spec, cidrs)
     params = run_instances_params(spec, image_id, key_name, [group_id])
-    with api_errors():
-        return ec2.run_instances(**params)["Instances"][0]
+    gone = [i["InstanceId"]
+            for i in find_instances(ec2, spec.server_name, states=("shutting-down", "terminated"))]
+    for attempt in range(TOKEN_ATTEMPTS):
+        mine = None
+        with api_errors():
+            try:
+                token = client_token(spec.server_name, gone, attempt)
+                mine = ec2.run_instances(**params, ClientToken=token)["Instances"][0]
+            except bx.ClientError as exc:
+                if error_code(exc) != "IdempotentParameterMismatch":
+                    raise
+        if mine is not None and state_of(mine) in LIVE_STATES:
+            return settle(ec2, spec.server_name, mine)
+        # The token is another `up`'s (adopt its instance, which EC2 may list only
+        # a few seconds later) or one of long ago (try the next token).
+        deadline = time.monotonic() + (TOKEN_WAIT if mine is None else 0)
+        while True:
+            winner, _ = settle(ec2, spec.server_name)
+            if winner is not None:
+                return winner, False
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(POLL_INTERVAL)
+    raise AWSError(f"EC2 did not launch {spec.server_name}: every client token tried was taken; "
+                   "check `crimpl list` and run up again")
 
 
-def delete_created_resources(ec2, spec_or_name):
-    """Delete the key pair and security group crimpl created for a server, if any.
+def settle(ec2: Any, server_name: str, mine: dict | None = None) -> tuple[dict | None, bool]:
+    """Keep one live instance of ``server_name`` and terminate the others.
 
-    The security group can only go once its instance is terminated; call this after.
+    The one kept is the first launched, ties to the lower id (as
+    :func:`find_instances` orders them), so concurrent callers agree on it.
+
+    :param mine: the instance this caller just launched (EC2 may not list it yet).
+    :returns: ``(kept, is_mine)``; ``kept`` is None when the name has no live instance.
     """
-    name = getattr(spec_or_name, "server_name", spec_or_name)
-    filters = [{"Name": f"tag:{NAME_TAG}", "Values": [name]}, {"Name": f"tag:{MANAGED_TAG}", "Values": ["true"]}]
+    live = find_instances(ec2, server_name, states=LIVE_STATES)
+    if mine is not None and mine["InstanceId"] not in {i["InstanceId"] for i in live}:
+        live = sorted([*live, mine], key=_launch_order)
+    if not live:
+        return None, False
+    kept, extra = live[0], [i["InstanceId"] for i in live[1:]]
+    if extra:
+        warn(f"{len(live)} instances carried the name {server_name} (launched at the same moment): "
+             f"keeping {kept['InstanceId']}, terminating {', '.join(extra)}")
+        terminate(ec2, *extra)
+    return kept, mine is not None and kept["InstanceId"] == mine["InstanceId"]
+
+
+def delete_created_resources(ec2: Any, server_name: str) -> list[str]:
+    """Delete the key pair and security group crimpl created for ``server_name``, if any.
+
+    They are found by their tags, so they go even when no instance is left. The
+    security group can only go once no instance uses it; call this after the
+    instances are terminated.
+
+    :returns: what was deleted, e.g. ``["key pair crimpl-x", "security group sg-... (crimpl-x-ssh)"]``.
+    """
+    filters = [{"Name": f"tag:{NAME_TAG}", "Values": [server_name]},
+               {"Name": f"tag:{MANAGED_TAG}", "Values": ["true"]}]
     removed = []
     with api_errors():
         for pair in ec2.describe_key_pairs(Filters=filters)["KeyPairs"]:
             # By name: every EC2 endpoint (moto_server too) accepts KeyName; not all accept KeyPairId.
             ec2.delete_key_pair(KeyName=pair["KeyName"])
-            removed.append(pair["KeyName"])
+            removed.append(f"key pair {pair['KeyName']}")
         for group in ec2.describe_security_groups(Filters=filters)["SecurityGroups"]:
             ec2.delete_security_group(GroupId=group["GroupId"])
-            removed.append(group["GroupId"])
+            removed.append(f"security group {group['GroupId']} ({group['GroupName']})")
     return removed
 
 
@@ -353,30 +603,37 @@ def delete_created_resources(ec2, spec_or_name):
 # Lifecycle
 
 
-def start(ec2, instance_id):
+def start(ec2: Any, instance_id: str) -> None:
     """Ask EC2 to start ``instance_id``."""
     with api_errors(instance_id):
         ec2.start_instances(InstanceIds=[instance_id])
 
 
-def stop(ec2, instance_id):
+def stop(ec2: Any, instance_id: str) -> None:
     """Ask EC2 to stop ``instance_id``."""
     with api_errors(instance_id):
         ec2.stop_instances(InstanceIds=[instance_id])
 
 
-def terminate(ec2, instance_id):
-    """Ask EC2 to terminate ``instance_id``."""
-    with api_errors(instance_id):
-        ec2.terminate_instances(InstanceIds=[instance_id])
+def terminate(ec2: Any, *instance_ids: str) -> None:
+    """Ask EC2 to terminate ``instance_ids``."""
+    with api_errors(instance_ids[0] if len(instance_ids) == 1 else None):
+        ec2.terminate_instances(InstanceIds=list(instance_ids))
 
 
-def wait_for_state(ec2, instance_id, wanted, timeout=DEFAULT_TIMEOUT, interval=POLL_INTERVAL):
+def wait_for_state(ec2: Any, instance_id: str, wanted: str | Iterable[str], timeout: float = DEFAULT_TIMEOUT,
+                   interval: float = POLL_INTERVAL) -> dict:
     """Poll until ``instance_id`` is in one of the ``wanted`` states; return its description.
 
+    :raises ConfigError: if ``timeout`` or ``interval`` is not a positive, finite number of seconds.
     :raises InstanceStateError: if it reaches ``terminated`` when that is not
         wanted, or is not there within ``timeout`` seconds.
     """
+    for name, value in (("timeout", timeout), ("interval", interval)):
+        # nan never compares >= a deadline, so it would wait forever.
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{name} must be a positive, finite number of seconds, got {value!r}")
     wanted = (wanted,) if isinstance(wanted, str) else tuple(wanted)
     deadline = time.monotonic() + timeout
     while True:
@@ -398,7 +655,7 @@ def wait_for_state(ec2, instance_id, wanted, timeout=DEFAULT_TIMEOUT, interval=P
         time.sleep(interval)
 
 
-def hours_since(launch_time, now=None):
+def hours_since(launch_time: datetime, now: datetime | None = None) -> float:
     """Return the hours between ``launch_time`` (EC2's, timezone-aware) and now."""
     now = now or datetime.now(timezone.utc)
     return (now - launch_time).total_seconds() / 3600

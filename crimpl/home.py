@@ -9,15 +9,26 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import ConfigError
 
-def crimpl_home():
-    """Return ``$CRIMPL_HOME`` (default ``~/.crimpl``), created with mode 0700."""
+
+def crimpl_home() -> Path:
+    """Return ``$CRIMPL_HOME`` (default ``~/.crimpl``), created with mode 0700.
+
+    :raises ConfigError: if it is not a folder crimpl can create or use.
+    """
     home = Path(os.environ.get("CRIMPL_HOME") or "~/.crimpl").expanduser()
-    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        what = "a file, not a folder" if home.exists() else f"not a folder crimpl can create ({exc.strerror})"
+        raise ConfigError(
+            f"crimpl's home {home} is {what}: point CRIMPL_HOME at a folder (default ~/.crimpl)"
+        ) from exc
     return home
 
 
-def write_private_file(path, text):
+def write_private_file(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically with mode 0600.
 
     The content goes to a temporary file in the same folder that is renamed over

@@ -66,7 +66,7 @@ TABLE = {row[0]: InstanceType(*row) for row in _ROWS}
 _BURSTABLE_PREFIXES = ("t2.", "t3.", "t3a.", "t4g.")
 
 
-def check_nprocs(nprocs):
+def check_nprocs(nprocs: object) -> None:
     """Raise :class:`ConfigError` unless ``nprocs`` is a positive integer (the table is not consulted)."""
     if isinstance(nprocs, bool) or not isinstance(nprocs, int):
         raise ConfigError(f"nprocs must be a whole number of processors, got {nprocs!r}")
@@ -74,7 +74,7 @@ def check_nprocs(nprocs):
         raise ConfigError(f"nprocs must be at least 1, got {nprocs}")
 
 
-def instance_type_for(nprocs):
+def instance_type_for(nprocs: int) -> str:
     """Return the name of the cheapest non-burstable type with at least ``nprocs`` vCPUs.
 
     :raises ConfigError: if ``nprocs`` is not a positive integer or exceeds the largest type.
@@ -95,13 +95,13 @@ def instance_type_for(nprocs):
     return best.name
 
 
-def hourly_price(instance_type):
+def hourly_price(instance_type: str) -> float | None:
     """Return the on-demand USD/hour of ``instance_type``, or None if it is not in the table."""
     row = TABLE.get(instance_type)
     return row.usd_per_hour if row else None
 
 
-def estimated_cost(instance_type, hours):
+def estimated_cost(instance_type: str, hours: float) -> float | None:
     """Return the estimated USD cost of running ``instance_type`` for ``hours``, or None if unknown."""
     price = hourly_price(instance_type)
     return None if price is None else round(price * max(hours, 0.0), 4)

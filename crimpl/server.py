@@ -6,12 +6,17 @@ to :mod:`crimpl.ec2` (control plane), :mod:`crimpl.ssh` and :mod:`crimpl.jobs`
 describes the instance is read live from EC2.
 """
 
+from __future__ import annotations
+
 import contextlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from . import ec2, hostkeys, pricing, ssh
-from .config import AWSEC2_Config, build_spec, resolve_config, saved_config_names
+from .config import AWSEC2_Config, InstanceSpec, build_spec, resolve_config, saved_config_names
 from .errors import ConfigError, InstanceNotFoundError, InstanceStateError, JobError, SSHError
 from .home import crimpl_home
 from .jobs import JobsMixin
@@ -32,7 +37,8 @@ class AWSEC2(JobsMixin):
         standard configuration, created on first use).
     """
 
-    def __init__(self, instanceId=None, *, server_name=None, config=None, ec2_client=None):  # noqa: N803
+    def __init__(self, instanceId: str | None = None, *, server_name: str | None = None,  # noqa: N803
+                 config: AWSEC2_Config | str | None = None, ec2_client: Any = None) -> None:
         if (instanceId is None) == (server_name is None):
             raise ConfigError("give exactly one of instanceId or server_name")
         self._config = config
@@ -117,8 +123,10 @@ class AWSEC2(JobsMixin):
     # -- lifecycle ---------------------------------------------------------------
 
     @classmethod
-    def new(cls, config=None, nprocs=None, server_name=None, *, instance_type=None, wait=True,
-            timeout=ec2.DEFAULT_TIMEOUT, ssh_cidrs=None, ec2_client=None):
+    def new(cls, config: AWSEC2_Config | str | None = None, nprocs: int | None = None,
+            server_name: str | None = None, *, instance_type: str | None = None, wait: bool = True,
+            timeout: float = ec2.DEFAULT_TIMEOUT, ssh_cidrs: list[str] | None = None,
+            ec2_client: Any = None) -> AWSEC2:
         """Launch a new instance and return it.
 
         :param config: an :class:`AWSEC2_Config`, a saved config name, or None
@@ -135,47 +143,66 @@ class AWSEC2(JobsMixin):
         spec = build_spec(config, nprocs=nprocs, server_name=server_name,
                           instance_type=instance_type, ssh_cidrs=ssh_cidrs)
         client = ec2_client or ec2.client(config.region)
-        existing = ec2.find_instances(client, name=spec.server_name)
-        if existing:
-            raise InstanceStateError(
-                f"a server named {spec.server_name} already exists ({existing[0]['InstanceId']}, "
-                f"{ec2.state_of(existing[0])}): attach with crimpl.AWSEC2(server_name="
-                f"{spec.server_name!r}) or choose another name",
-                existing[0]["InstanceId"], ec2.state_of(existing[0]),
-            )
-        return cls._launch(spec, config, client, wait=wait, timeout=timeout)
+        existing = ec2.find_instances(client, name=spec.server_name, states=ec2.LIVE_STATES)
+        if not existing:
+            server, launched = cls._launch(spec, config, client, wait=wait, timeout=timeout)
+            if launched:
+                return server
+            existing = [server.describe()]  # another call launched it at the same moment
+        raise InstanceStateError(
+            f"a server named {spec.server_name} already exists ({existing[0]['InstanceId']}, "
+            f"{ec2.state_of(existing[0])}): attach with crimpl.AWSEC2(server_name="
+            f"{spec.server_name!r}) or choose another name",
+            existing[0]["InstanceId"], ec2.state_of(existing[0]),
+        )
 
     @classmethod
-    def up(cls, spec, config, *, ec2_client=None, wait=True, timeout=ec2.DEFAULT_TIMEOUT):
+    def up(cls, spec: InstanceSpec, config: AWSEC2_Config, *, ec2_client: Any = None, wait: bool = True,
+           timeout: float = ec2.DEFAULT_TIMEOUT) -> tuple[AWSEC2, bool]:
         """Make sure the server of ``spec`` exists: return ``(server, launched)``.
 
         Idempotent: when a live instance with the spec's name exists, it is
-        returned unchanged (``launched`` False) and nothing is created.
+        returned unchanged (``launched`` False) and nothing is created. Two
+        calls at the same moment (two ``crimpl up``) leave one instance: EC2
+        launches once per client token, and on an endpoint that ignores tokens
+        the re-check after launch (:func:`crimpl.ec2.settle`) terminates the extra one.
         """
         client = ec2_client or ec2.client(spec.region or config.region)
-        existing = ec2.find_instances(client, name=spec.server_name)
+        existing = ec2.find_instances(client, name=spec.server_name, states=ec2.LIVE_STATES)
         if existing:
-            return cls(existing[-1]["InstanceId"], config=config, ec2_client=client), False
-        return cls._launch(spec, config, client, wait=wait, timeout=timeout), True
+            return cls(existing[0]["InstanceId"], config=config, ec2_client=client), False
+        return cls._launch(spec, config, client, wait=wait, timeout=timeout)
 
     @classmethod
     def _launch(cls, spec, config, client, wait, timeout):
+        """Launch the instance of ``spec``; return ``(server, launched)`` as :meth:`up` does."""
         cidrs = spec.ssh_cidrs
         if not cidrs and not spec.security_group_id:
             from .caller import caller_cidr
 
             cidrs = (caller_cidr(),)
         say(f"launching {spec.instance_type} as {spec.server_name}")
-        instance = ec2.launch(client, spec, cidrs)
-        instance_id = instance["InstanceId"]
-        # Pin the host key before anything can connect: the first connection is already verified.
-        hostkeys.pin(instance_id, spec.host_public_key)
-        server = cls(instance_id, config=config, ec2_client=client)
+        instance, launched = ec2.launch(client, spec, cidrs)
+        if launched:
+            # Pin the host key before anything can connect: the first connection is already verified.
+            hostkeys.pin(instance["InstanceId"], spec.host_public_key)
         if wait:
-            ec2.wait_for_state(client, instance_id, "running", timeout=timeout)
-        return server
+            try:
+                ec2.wait_for_state(client, instance["InstanceId"], "running", timeout=timeout)
+            except InstanceStateError as exc:
+                if exc.state != "terminated":
+                    raise
+            # Settle again: a launch in the same second as ours may have been invisible to the first look.
+            kept, _ = ec2.settle(client, spec.server_name)
+            if kept is None:
+                raise InstanceStateError(f"{spec.server_name} was terminated while it started: run up again",
+                                         instance["InstanceId"], "terminated")
+            if kept["InstanceId"] != instance["InstanceId"]:
+                ec2.wait_for_state(client, kept["InstanceId"], ("running", "stopped"), timeout=timeout)
+                instance, launched = kept, False
+        return cls(instance["InstanceId"], config=config, ec2_client=client), launched
 
-    def start(self, wait=True, timeout=ec2.DEFAULT_TIMEOUT):
+    def start(self, wait: bool = True, timeout: float = ec2.DEFAULT_TIMEOUT) -> AWSEC2:
         """Start the instance (waiting until it runs unless ``wait=False``).
 
         :raises InstanceStateError: if it is terminated.
@@ -184,7 +211,7 @@ class AWSEC2(JobsMixin):
         if state in ("terminated", "shutting-down"):
             raise InstanceStateError(
                 f"{self} is {state} and cannot be started: launch a new one "
-                "(crimpl.AWSEC2.new or `invoke up`)", self.instanceId, state,
+                "(crimpl.AWSEC2.new or `crimpl up`)", self.instanceId, state,
             )
         if state == "stopping":
             ec2.wait_for_state(self.ec2_client, self.instanceId, "stopped", timeout=timeout)
@@ -194,7 +221,7 @@ class AWSEC2(JobsMixin):
             ec2.wait_for_state(self.ec2_client, self.instanceId, "running", timeout=timeout)
         return self
 
-    def stop(self, wait=True, timeout=ec2.DEFAULT_TIMEOUT):
+    def stop(self, wait: bool = True, timeout: float = ec2.DEFAULT_TIMEOUT) -> AWSEC2:
         """Stop the instance (its disk is kept; compute billing stops).
 
         :raises InstanceStateError: if it is terminated.
@@ -209,7 +236,7 @@ class AWSEC2(JobsMixin):
             ec2.wait_for_state(self.ec2_client, self.instanceId, "stopped", timeout=timeout)
         return self
 
-    def terminate(self, wait=True, timeout=ec2.DEFAULT_TIMEOUT):
+    def terminate(self, wait: bool = True, timeout: float = ec2.DEFAULT_TIMEOUT) -> AWSEC2:
         """Terminate the instance and everything crimpl created for it.
 
         With ``wait`` (the default) it also deletes the key pair and security
@@ -221,7 +248,8 @@ class AWSEC2(JobsMixin):
             ec2.terminate(self.ec2_client, self.instanceId)
         if wait:
             ec2.wait_for_state(self.ec2_client, self.instanceId, "terminated", timeout=timeout)
-            if name:
+            # A duplicate of the name may still use the security group: the last one removes it.
+            if name and not ec2.find_instances(self.ec2_client, name=name):
                 ec2.delete_created_resources(self.ec2_client, name)
             hostkeys.unpin(self.instanceId)
         return self
@@ -238,14 +266,8 @@ class AWSEC2(JobsMixin):
         return address
 
     def _expected_host_key(self, instance):
-        key = hostkeys.pinned_key(self.instanceId)
-        if key is None:
-            # AWS is the source of truth: the public host key travels in the instance's tags.
-            public = ec2.tags_of(instance).get("crimpl:host-key")
-            if public:
-                hostkeys.pin(self.instanceId, public)
-                key = hostkeys.pinned_key(self.instanceId)
-        return key
+        # AWS is the source of truth: the public host key(s) travel in the instance's tags.
+        return hostkeys.trusted_keys(self.instanceId, ec2.tags_of(instance).get(hostkeys.HOST_KEY_TAG))
 
     def connection(self, start=False):
         """Return an unopened fabric Connection to the instance, with its host key pinned."""
@@ -266,7 +288,7 @@ class AWSEC2(JobsMixin):
             raise InstanceStateError(f"{self} is {state}: its jobs and files are gone",
                                      self.instanceId, state)
         if not start:
-            raise InstanceStateError(f"{self} is {state}: start it first (`invoke start`)",
+            raise InstanceStateError(f"{self} is {state}: start it first (`crimpl start`)",
                                      self.instanceId, state)
         say(f"{self} is {state}: starting it")
         self.start()
@@ -278,8 +300,12 @@ class AWSEC2(JobsMixin):
 
         :param start: start the instance first if it is stopped (and say so).
         """
-        conn = ssh.open_when_ready(self.connection(start=start), timeout=self.config.ssh_timeout)
+        tags = self.tags
+        conn = ssh.open_when_ready(lambda: self.connection(start=start), timeout=self.config.ssh_timeout,
+                                   label=f"{tags.get(ec2.NAME_TAG)} ({self.instanceId})")
         try:
+            hostkeys.rotate(conn, self.instanceId, tags,
+                            lambda new: ec2.set_tags(self.ec2_client, self.instanceId, new))
             yield conn
         finally:
             conn.close()
@@ -358,15 +384,12 @@ class InstanceInfo:
     name: str
     state: str
     instance_type: str
-    launch_time: object
-    public_ip: str
-    estimated_cost_usd: float
-
-    def as_dict(self):
-        return {**self.__dict__, "launch_time": self.launch_time.isoformat()}
+    launch_time: datetime
+    public_ip: str | None
+    estimated_cost_usd: float | None
 
 
-def list_instances(region=None, ec2_client=None):
+def list_instances(region: str | None = None, ec2_client: Any = None) -> list[InstanceInfo]:
     """Return every crimpl-managed instance not yet terminated, oldest first.
 
     ``estimated_cost_usd`` is the table price times the hours since the last
@@ -387,11 +410,13 @@ def list_instances(region=None, ec2_client=None):
     return rows
 
 
-def terminate_all(confirm=True, region=None, ec2_client=None, ask=input):
+def terminate_all(confirm: bool = True, region: str | None = None, ec2_client: Any = None,
+                  ask: Callable[[str], str] = input) -> list[str]:
     """Terminate every crimpl-managed instance; return the ids terminated.
 
     :param confirm: ask before terminating (default); False terminates at once.
-    :param ask: the prompt function (``input``).
+    :param ask: the prompt function (``input``). No answer (end of input, as
+        with no stdin) is not a yes.
     """
     client = ec2_client or ec2.client(region)
     rows = list_instances(ec2_client=client)
@@ -399,7 +424,11 @@ def terminate_all(confirm=True, region=None, ec2_client=None, ask=input):
         return []
     if confirm:
         listing = ", ".join(f"{r.instance_id} ({r.name}, {r.state})" for r in rows)
-        answer = ask(f"Terminate {len(rows)} instance(s): {listing}? Type 'yes' to confirm: ")
+        try:
+            answer = ask(f"Terminate {len(rows)} instance(s): {listing}? Type 'yes' to confirm: ")
+        except EOFError:
+            say("nothing terminated: no answer (no input to read); pass confirm=False to skip the question")
+            return []
         if answer.strip().lower() != "yes":
             say("nothing terminated")
             return []
@@ -412,12 +441,56 @@ def terminate_all(confirm=True, region=None, ec2_client=None, ask=input):
     return [r.instance_id for r in rows]
 
 
+@dataclass
+class DestroyReport:
+    """What :func:`destroy_server` did."""
+
+    #: every instance that carried the name and was not yet terminated (all are now).
+    terminated: list[str] = field(default_factory=list)
+    #: the key pair and security group crimpl had created, e.g. ``"key pair crimpl-x"``.
+    removed: list[str] = field(default_factory=list)
+    #: the instances whose pinned host key was forgotten.
+    unpinned: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.terminated or self.removed or self.unpinned)
+
+
+def destroy_server(server_name: str, *, region: str | None = None, ec2_client: Any = None,
+                   timeout: float = ec2.DEFAULT_TIMEOUT) -> DestroyReport:
+    """Terminate every instance named ``server_name`` and delete everything crimpl created for it.
+
+    Everything is found by its tags, not by what a local file or a previous run
+    remembers: a retry after a failure part-way, or after the instance was
+    terminated outside crimpl, still removes the key pair, the security group
+    and the host key pins that are left.
+    """
+    client = ec2_client or ec2.client(region)
+    report = DestroyReport()
+    known = ec2.find_instances(client, name=server_name, include_terminated=True)
+    alive = [i["InstanceId"] for i in known if ec2.state_of(i) != "terminated"]
+    ending = [i["InstanceId"] for i in known if ec2.state_of(i) in ec2.LIVE_STATES]
+    if ending:
+        ec2.terminate(client, *ending)
+    for instance_id in alive:
+        ec2.wait_for_state(client, instance_id, "terminated", timeout=timeout)
+    report.terminated = alive
+    report.removed = ec2.delete_created_resources(client, server_name)
+    for instance in known:
+        if hostkeys.pinned_key(instance["InstanceId"]) is not None:
+            hostkeys.unpin(instance["InstanceId"])
+            report.unpinned.append(instance["InstanceId"])
+    return report
+
+
 def _find_by_name(client, server_name):
-    found = ec2.find_instances(client, name=server_name)
+    # The server is the first launched of the name (see ec2.settle); one on its way out only if none other.
+    found = ec2.find_instances(client, name=server_name, states=ec2.LIVE_STATES)
+    found = found or ec2.find_instances(client, name=server_name)
     if not found:
         names = sorted({ec2.tags_of(i).get(ec2.NAME_TAG, "") for i in ec2.find_instances(client)})
         raise InstanceNotFoundError(
             f"no live crimpl server named {server_name!r}; servers: {', '.join(names) or 'none'}"
         )
-    return found[-1]
+    return found[0]
 

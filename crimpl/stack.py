@@ -22,19 +22,24 @@ the stack's ``secretsprovider``, or else with ``PULUMI_CONFIG_PASSPHRASE`` /
 ``PULUMI_CONFIG_PASSPHRASE_FILE``.
 """
 
+from __future__ import annotations
+
 import contextlib
 import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from .config import FIELDS, STACK_KEYS, build_spec, config_from_stack, stack_server_name
+from .config import InstanceSpec, build_spec, config_from_stack, stack_server_name
 from .errors import ConfigError, PulumiNotInstalledError, StackError
 from .home import crimpl_home
+from .stackkeys import coerce
 
 DEFAULT_PROJECT = "crimpl"
 #: The template stack file; never a stack itself.
@@ -61,22 +66,22 @@ class StackSettings:
     name: str
     project: str
     path: Path
-    values: dict = field(hash=False)
-    secure_keys: frozenset = frozenset()
-    secrets_provider: str = None
+    values: dict[str, Any] = field(hash=False)
+    secure_keys: frozenset[str] = frozenset()
+    secrets_provider: str | None = None
 
     @property
-    def server_name(self):
+    def server_name(self) -> str:
         """The server's name: ``crimpl:serverName``, else ``<project>-<stack>``."""
         return self.values.get("serverName") or stack_server_name(self.project, self.name)
 
     @property
-    def project_dir(self):
+    def project_dir(self) -> Path:
         """The folder holding the stack file: Pulumi's work dir."""
         return self.path.parent
 
 
-def find_stacks(project_dir="."):
+def find_stacks(project_dir: str | os.PathLike = ".") -> list[str]:
     """Return the names of the stacks in ``project_dir`` (``Pulumi.<name>.yaml``), sorted.
 
     ``Pulumi.example.yaml`` is the template, not a stack.
@@ -90,7 +95,7 @@ def find_stacks(project_dir="."):
     return sorted(names)
 
 
-def select_stack(name=None, project_dir="."):
+def select_stack(name: str | None = None, project_dir: str | os.PathLike = ".") -> str:
     """Return the stack to use: ``name``, else ``$CRIMPL_STACK``, else the only stack file.
 
     :raises StackError: if there is no stack file, if there are several and none
@@ -105,7 +110,7 @@ def select_stack(name=None, project_dir="."):
         if not stacks:
             raise StackError(
                 f"no stack file (Pulumi.<stack>.yaml) in {where}: "
-                "cp Pulumi.example.yaml Pulumi.dev.yaml and edit crimpl:keyFile"
+                "run `crimpl init` (it writes Pulumi.dev.yaml with your region and SSH key)"
             )
         raise StackError(
             f"several stacks in {where} ({', '.join(stacks)}): choose one by name or with CRIMPL_STACK=NAME"
@@ -118,55 +123,7 @@ def select_stack(name=None, project_dir="."):
     return name
 
 
-def stack_key_type(key):
-    """Return what a ``crimpl:`` stack key holds: ``int``, ``bool``, ``float``, ``str``,
-    or ``object`` (a YAML/JSON list or mapping).
-
-    Derived from :data:`crimpl.config.FIELDS`, so the stack reader and the Pulumi
-    program (which gets every value as a string) parse keys the same way.
-    """
-    if key == "nprocs":
-        return int
-    field_name = STACK_KEYS.get(key)
-    if field_name is None:
-        return str
-    types = FIELDS[field_name][1]
-    for kind in (bool, float, int):
-        if kind in types:
-            return kind
-    if dict in types or list in types:
-        return object
-    return str
-
-
-def coerce_stack_value(key, value, source="stack config"):
-    """Return a stack value with the type of its key, parsing strings as Pulumi does.
-
-    YAML gives ints, bools and mappings natively; a quoted value (or a value set
-    with ``pulumi config set``) is a string and is parsed like ``pulumi.Config``'s
-    ``get_int`` / ``get_bool`` / ``get_float`` / ``get_object``. Anything else is
-    returned unchanged, for :func:`~crimpl.config.config_from_stack` to judge.
-
-    :raises ConfigError: naming the key and ``source`` if a string does not parse.
-    """
-    kind = stack_key_type(key)
-    if not isinstance(value, str) or kind is str:
-        return value
-    try:
-        if kind is bool:
-            if value not in ("true", "True", "false", "False"):
-                raise ValueError(value)
-            return value in ("true", "True")
-        if kind is object:
-            return json.loads(value)
-        return kind(value)
-    except ValueError as exc:
-        wanted = {int: "a whole number", bool: "true or false", float: "a number",
-                  object: "a YAML list or mapping"}[kind]
-        raise ConfigError(f"{source}: crimpl:{key} must be {wanted}, got {value!r}") from exc
-
-
-def read_stack(name, project_dir="."):
+def read_stack(name: str, project_dir: str | os.PathLike = ".") -> StackSettings:
     """Read and validate ``Pulumi.<name>.yaml`` in ``project_dir``.
 
     :returns: a :class:`StackSettings`.
@@ -191,7 +148,7 @@ def read_stack(name, project_dir="."):
         if full_key == "aws:region":
             values["region"] = value
         elif namespace == "crimpl":
-            values[key] = coerce_stack_value(key, value, source)
+            values[key] = coerce(key, value, source)
     if "hostKey" in values:
         raise ConfigError(
             f"{source}: crimpl:hostKey is stored in plain text: remove it (crimpl up generates "
@@ -208,7 +165,8 @@ def read_stack(name, project_dir="."):
     )
 
 
-def spec_for_stack(settings, host_key=None, ssh_cidrs=None):
+def spec_for_stack(settings: StackSettings, host_key: tuple[str, str] | None = None,
+                   ssh_cidrs: list[str] | None = None) -> InstanceSpec:
     """Return the :class:`~crimpl.config.InstanceSpec` of a stack (what the boto3 path launches).
 
     :param host_key: ``(private_pem, public_line)``; a new key is generated when None.
@@ -252,7 +210,7 @@ def _project_name(project_dir):
 # The Pulumi CLI, backend and workspace
 
 
-def pulumi_cli():
+def pulumi_cli() -> str:
     """Return the path of the Pulumi CLI (on ``PATH``, or where its installer puts it).
 
     :raises PulumiNotInstalledError: if it is not installed.
@@ -269,7 +227,7 @@ def pulumi_cli():
     )
 
 
-def backend_url():
+def backend_url() -> str:
     """Return the Pulumi backend URL crimpl uses (lookup order in the module docstring)."""
     url = os.environ.get("PULUMI_BACKEND_URL")
     if url:
@@ -286,7 +244,7 @@ def backend_url():
     return (crimpl_home() / "pulumi").as_uri()
 
 
-def infra_dir():
+def infra_dir() -> Path:
     """Return the folder of crimpl's Pulumi program (``crimpl.infra``)."""
     try:
         from importlib.resources import files
@@ -297,7 +255,7 @@ def infra_dir():
         return _checkout_root() / "infra"
 
 
-def workspace_options(settings):
+def workspace_options(settings: StackSettings) -> Any:
     """Return the ``LocalWorkspaceOptions`` for a stack: work dir, program, backend, environment.
 
     :raises PulumiNotInstalledError: if the Pulumi CLI is missing.
@@ -424,7 +382,8 @@ def _error_line(text):
 # Operations
 
 
-def up(settings, *, on_output=print, yes=True):
+def up(settings: StackSettings, *, on_output: Callable[[str], Any] = print,
+       yes: bool = True) -> dict[str, Any] | None:
     """Create or update the stack's server and return the stack outputs.
 
     A stack without ``crimpl:hostKey`` gets a new one, stored as a Pulumi secret.
@@ -455,7 +414,7 @@ def up(settings, *, on_output=print, yes=True):
     return values
 
 
-def preview(settings, *, on_output=print):
+def preview(settings: StackSettings, *, on_output: Callable[[str], Any] = print) -> dict[str, int]:
     """Show what :func:`up` would change, changing nothing; return ``{operation: count}``.
 
     Like :func:`up`, it gives a stack without ``crimpl:hostKey`` a new one.
@@ -467,7 +426,7 @@ def preview(settings, *, on_output=print):
     return dict(result.change_summary)
 
 
-def destroy(settings, *, on_output=print, yes=True):
+def destroy(settings: StackSettings, *, on_output: Callable[[str], Any] = print, yes: bool = True) -> None:
     """Delete the stack's server and what crimpl created for it; forget its host key.
 
     :param yes: destroy; False only previews the deletion.
@@ -483,7 +442,7 @@ def destroy(settings, *, on_output=print, yes=True):
         unpin(instance_id)
 
 
-def refresh(settings, *, on_output=print, yes=True):
+def refresh(settings: StackSettings, *, on_output: Callable[[str], Any] = print, yes: bool = True) -> None:
     """Update Pulumi's state from AWS (an instance stopped or deleted outside Pulumi).
 
     :param yes: write the refreshed state; False only previews it.
@@ -493,7 +452,7 @@ def refresh(settings, *, on_output=print, yes=True):
         stack.refresh(on_output=on_output, show_secrets=False, preview_only=not yes)
 
 
-def outputs(settings):
+def outputs(settings: StackSettings) -> dict[str, Any]:
     """Return the stack outputs of the last update as plain values (``{}`` if none).
 
     :raises StackError: if the stack was never deployed.

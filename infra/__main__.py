@@ -19,8 +19,9 @@ from crimpl.config import (
     stack_server_name,
 )
 from crimpl.errors import ConfigError
+from crimpl import hostkeys
 from crimpl.hostkeys import public_line_of
-from crimpl.stack import stack_key_type
+from crimpl.stackkeys import kind_of
 
 # --- Config ------------------------------------------------------------------
 
@@ -35,7 +36,7 @@ set_keys = {**pulumi.runtime.get_config_env(), **pulumi.runtime.config.CONFIG.ge
 getters = {int: config.get_int, bool: config.get_bool, float: config.get_float,
            object: config.get_object, str: config.get}
 try:
-    values = {key: getters[stack_key_type(key)](key)
+    values = {key: getters[kind_of(key)](key)
               for key in (k.split(":", 1)[1] for k in set_keys if k.startswith("crimpl:"))}
 except pulumi.ConfigTypeError as exc:
     raise pulumi.RunError(f"{source}: {exc}") from exc
@@ -137,7 +138,9 @@ else:
             "protocol": "tcp",
             "from_port": 22,
             "to_port": 22,
-            "cidr_blocks": list(spec.ssh_cidrs),
+            # As crimpl.ec2.ssh_permission: an IPv6 network belongs in the IPv6 field of the rule.
+            "cidr_blocks": [c for c in spec.ssh_cidrs if ":" not in c],
+            "ipv6_cidr_blocks": [c for c in spec.ssh_cidrs if ":" in c],
             "description": "crimpl: SSH from the owner",
         }],
         # What AWS gives a new group; Pulumi would otherwise remove it.
@@ -167,7 +170,12 @@ instance = aws.ec2.Instance(
     tags=spec.tags,
     volume_tags=spec.tags,
     # A looked-up image changes with every Canonical build; that must not replace the server.
-    opts=pulumi.ResourceOptions(ignore_changes=[] if spec.image_id else ["ami"]),
+    # crimpl replaces the user-data host key after the first connection and records the new
+    # one in these tags (crimpl.hostkeys.rotate): `up` after a refresh must not put the old back.
+    opts=pulumi.ResourceOptions(ignore_changes=([] if spec.image_id else ["ami"]) + [
+        f'{prop}["{tag}"]' for prop in ("tags", "tagsAll")
+        for tag in (hostkeys.HOST_KEY_TAG, hostkeys.ROTATED_TAG)
+    ]),
 )
 
 # --- Exports -----------------------------------------------------------------

@@ -101,6 +101,57 @@ def test_ssh_open_to_whole_internet_is_refused(key_file, cidr):
     assert "internet" in message
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), -1, -0.5, 0.0])
+def test_number_that_is_not_finite_and_positive_is_refused_naming_the_field(key_file, value):
+    message = config_error(KeyFile=str(key_file), ssh_timeout=value)
+
+    assert message.startswith("ssh_timeout must be a positive, finite number")
+
+
+@pytest.mark.parametrize("cidrs", [
+    ["0.0.0.0/1", "128.0.0.0/1"],
+    ["0.0.0.0/2", "64.0.0.0/2", "128.0.0.0/2", "192.0.0.0/2"],
+    ["::/1", "8000::/1"],
+])
+def test_networks_that_together_are_the_whole_internet_are_refused(key_file, cidrs):
+    message = config_error(KeyFile=str(key_file), ssh_cidrs=cidrs)
+
+    assert message.startswith("ssh_cidrs") and "whole internet" in message
+
+
+@pytest.mark.parametrize("cidrs", [["10.0.0.0/7"], ["10.0.0.0/8", "11.0.0.0/32"], ["2001:db8::/31"],
+                                   ["2001:db8::/32", "2001:db9::/48"]])
+def test_networks_that_together_are_larger_than_the_limit_are_refused(key_file, cidrs):
+    message = config_error(KeyFile=str(key_file), ssh_cidrs=cidrs)
+
+    assert message.startswith("ssh_cidrs") and "more than a /" in message
+
+
+@pytest.mark.parametrize("cidrs, kept", [
+    (["10.0.0.0/8", "2001:db8::/32"], ("10.0.0.0/8", "2001:db8::/32")),
+    (["10.0.0.0/9", "2001:db8::/33", "203.0.113.7", "10.0.0.0/9"],
+     ("10.0.0.0/9", "2001:db8::/33", "203.0.113.7/32")),
+])
+def test_networks_up_to_the_limit_are_kept_once_each_in_order(key_file, cidrs, kept):
+    config = AWSEC2_Config(KeyFile=str(key_file), ssh_cidrs=cidrs)
+
+    assert config.ssh_cidrs == kept
+
+
+def test_crimpl_home_that_is_a_file_is_a_one_line_config_error(key_file, tmp_path, monkeypatch):
+    home = tmp_path / "not-a-folder"
+    home.write_text("")
+    monkeypatch.setenv("CRIMPL_HOME", str(home))
+
+    with pytest.raises(ConfigError) as caught:
+        AWSEC2_Config(KeyFile=str(key_file)).save("alpha")
+
+    message = str(caught.value)
+    assert "\n" not in message and "CRIMPL_HOME" in message and str(home) in message
+    with pytest.raises(ConfigError, match="CRIMPL_HOME"):
+        AWSEC2_Config.load()
+
+
 @pytest.mark.parametrize("key", ["crimpl:name", "crimpl:managed", "aws:cloudformation:stack-name"])
 def test_reserved_tag_key_is_refused_naming_it(key_file, key):
     message = config_error(KeyFile=str(key_file), tags={key: "mine"})

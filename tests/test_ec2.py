@@ -7,24 +7,34 @@ list_instances and terminate_all.
 
 import base64
 import http.server
+import io
 import json
 import os
 import re
 import stat
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from datetime import datetime, timedelta, timezone
 
 import boto3
 import pytest
-from sandbox import NEWEST_UBUNTU_LTS, CheckIP, LoopbackHTTPServer, free_port
+import yaml
+from cli_helper import run_cli
+from sandbox import NEWEST_UBUNTU_LTS, CheckIP, LoopbackHTTPServer, free_port, host_key_from_user_data
 
 import crimpl
 from crimpl import (AWSEC2, AWSEC2_Config, AWSError, ConfigError, InstanceNotFoundError,
                     InstanceStateError, list_instances, pricing, terminate_all)
-from crimpl.hostkeys import host_key_from_user_data, public_line_of
+from crimpl import ec2 as crimpl_ec2
+from crimpl.config import build_spec
+from crimpl.ec2 import ssh_permission
+from crimpl.hostkeys import public_line_of
+from crimpl.server import destroy_server
+from crimpl.stack import read_stack, spec_for_stack
 
 SSH_CIDRS = ["203.0.113.7/32"]
 LIVE = ["pending", "running", "stopping", "stopped", "shutting-down"]
@@ -100,41 +110,74 @@ def checkip(monkeypatch):
         server.stop()
 
 
+class EC2Proxy(LoopbackHTTPServer):
+    """An HTTP proxy in front of moto_server; :meth:`answer` may answer a request itself.
+
+    Point ``AWS_ENDPOINT_URL`` at ``proxy.url``: crimpl's requests go proxy ->
+    moto_server unchanged unless :meth:`answer` returns a response for them.
+    """
+
+    def __init__(self, upstream):
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                query = urllib.parse.parse_qs(body.decode() + "&" + urllib.parse.urlsplit(self.path).query)
+                params = {k: v[0] for k, v in query.items()}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                status, data, kind = proxy.answer(params, lambda: proxy.forward(self.path, body, headers))
+                self.send_response(status)
+                self.send_header("Content-Type", kind or "text/xml")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.upstream = upstream
+        super().__init__(Handler)
+
+    def forward(self, path, body, headers):
+        """Send the request to moto_server; return ``(status, body, content type)``."""
+        request = urllib.request.Request(self.upstream + path, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, response.read(), response.headers.get("Content-Type")
+        except urllib.error.HTTPError as err:
+            return err.code, err.read(), err.headers.get("Content-Type")
+
+    def answer(self, params, forward):
+        """Return the response to a request (``params``: its parameters); default: moto_server's."""
+        return forward()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class Recorder(EC2Proxy):
+    """Records the EC2 Action (``actions``) and the parameters (``requests``) of every request, in order."""
+
+    def __init__(self, upstream):
+        self.actions, self.requests = [], []
+        super().__init__(upstream)
+
+    def answer(self, params, forward):
+        self.actions.append(params.get("Action", "?"))
+        self.requests.append(params)
+        return forward()
+
+
 @pytest.fixture
 def recorder(aws, monkeypatch):
-    """An HTTP proxy in front of moto_server that records the EC2 Action of every request.
-
-    AWS_ENDPOINT_URL points at it, so crimpl's requests go proxy -> moto_server
-    unchanged; ``recorder.actions`` is what crimpl asked EC2, in order.
-    """
-    actions = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            query = urllib.parse.parse_qs(body.decode() + "&" + urllib.parse.urlsplit(self.path).query)
-            actions.append(query.get("Action", ["?"])[0])
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
-            request = urllib.request.Request(aws.url + self.path, data=body, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=30) as response:
-                    status, data, kind = response.status, response.read(), response.headers.get("Content-Type")
-            except urllib.error.HTTPError as err:
-                status, data, kind = err.code, err.read(), err.headers.get("Content-Type")
-            self.send_response(status)
-            self.send_header("Content-Type", kind or "text/xml")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = LoopbackHTTPServer(Handler)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", server.url)
-    server.actions = actions
-    yield server
-    server.stop()
+    """A :class:`Recorder` in front of moto_server, with AWS_ENDPOINT_URL pointing at it."""
+    with Recorder(aws.url) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        yield proxy
 
 
 def after(actions, action):
@@ -698,3 +741,351 @@ def test_terminate_all_answered_yes_terminates(ec2, config):
     assert ended == [server.instanceId]
     assert len(questions) == 1
     assert server.state == "terminated"
+
+
+def test_terminate_all_with_no_input_to_read_terminates_nothing(ec2, config, monkeypatch, caplog):
+    server = AWSEC2.new(config=config, nprocs=2)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # stdin at its end, as with `< /dev/null`
+
+    ended = terminate_all()
+
+    assert ended == []
+    assert server.state == "running"
+    assert "no answer" in caplog.text
+
+
+# -- one name, one server (two `up` at once, duplicates, destroy by tags) -------------------------
+
+
+def stack_project(directory, key_file, **keys):
+    """A project folder with a Pulumi.dev.yaml (server crimpl-dev) for the CLI tests."""
+    directory.mkdir(exist_ok=True)
+    config = {"crimpl:keyFile": str(key_file), "crimpl:nprocs": 2, "crimpl:sshCidrs": SSH_CIDRS,
+              **{f"crimpl:{k}": v for k, v in keys.items()}}
+    (directory / "Pulumi.dev.yaml").write_text(yaml.safe_dump({"config": config}))
+    return directory
+
+
+def crimpl_tagged(name):
+    return {"crimpl:managed": "true", "crimpl:name": name}
+
+
+def up_at_once(config, name, count=2):
+    """Run ``count`` AWSEC2.up of one server name in threads started together; return their results."""
+    specs = [build_spec(config, nprocs=2, server_name=name) for _ in range(count)]  # each its own host key
+    clients = [crimpl_ec2.client() for _ in specs]
+    start = threading.Barrier(count)
+    results, errors = [None] * count, []
+
+    def up(index):
+        start.wait()
+        try:
+            results[index] = AWSEC2.up(specs[index], config, ec2_client=clients[index])
+        except Exception as exc:  # noqa: BLE001 - reported by the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=up, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    return results
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["crimpl-creates-key-pair-and-group", "both-given"])
+def test_two_ups_at_once_leave_exactly_one_live_instance(ec2, config, key_file, given):
+    if given:  # nothing to create first: the two launches race each other directly
+        ec2.import_key_pair(KeyName="team-key", PublicKeyMaterial=key_file.with_suffix(".pub").read_bytes())
+        vpc = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+        group = ec2.create_security_group(GroupName="team-ssh", Description="team", VpcId=vpc)["GroupId"]
+        config = AWSEC2_Config(KeyFile=str(key_file), KeyName="team-key", SecurityGroupId=group)
+    # moto_server ignores ClientToken, so this is the re-check after launch at work.
+    results = up_at_once(config, "racer")
+
+    live = instances(ec2, **{"crimpl:name": "racer"})
+    assert len(live) == 1, [(i["InstanceId"], i["State"]["Name"]) for i in live]
+    assert live[0]["InstanceId"] in {server.instanceId for server, _ in results}
+
+
+def test_two_ups_at_once_on_an_endpoint_honouring_client_tokens_launch_once(aws, ec2, config, monkeypatch):
+    with HonoursClientToken(aws.url) as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint.url)
+        results = up_at_once(config, "racer")
+
+    assert endpoint.launched == 1
+    [live] = instances(ec2, **{"crimpl:name": "racer"})
+    assert [server.instanceId for server, _ in results] == [live["InstanceId"]] * 2
+    assert sorted(launched for _, launched in results) == [False, True]
+
+
+def test_launch_sends_a_client_token_that_changes_only_after_a_destroy(recorder, config):
+    def tokens():
+        return [r["ClientToken"] for r in recorder.requests if r.get("Action") == "RunInstances"]
+
+    spec = build_spec(config, nprocs=2, server_name="tokened")
+    first, _ = AWSEC2.up(spec, config)
+    destroy_server("tokened")
+    AWSEC2.up(build_spec(config, nprocs=2, server_name="tokened"), config)
+    AWSEC2.up(build_spec(config, nprocs=2, server_name="other"), config)
+
+    sent = tokens()
+    assert len(sent) == 3 and all(sent)
+    assert len(set(sent)) == 3  # a new generation after the destroy; another name, another token
+
+
+def test_client_token_is_one_per_server_generation_and_hour():
+    at = datetime(2026, 11, 30, 8, 59, 59, tzinfo=timezone.utc)
+    token = crimpl_ec2.client_token("box", ["i-0a"], now=at)
+
+    assert token == crimpl_ec2.client_token("box", ["i-0a"], now=at.replace(minute=0, second=0))
+    others = [crimpl_ec2.client_token("box", ["i-0a"], now=at + timedelta(seconds=1)),
+              crimpl_ec2.client_token("box", ["i-0a", "i-0b"], now=at),
+              crimpl_ec2.client_token("box", ["i-0a"], attempt=1, now=at),
+              crimpl_ec2.client_token("box2", ["i-0a"], now=at)]
+    assert token not in others and len(set(others)) == len(others)
+    assert len(token) <= 64 and token.isascii()
+
+
+def test_destroy_ends_every_instance_carrying_the_name_and_says_so(ec2, key_file, tmp_path):
+    project = stack_project(tmp_path / "project", key_file)
+    server, _ = AWSEC2.up(spec_for_stack(read_stack("dev", project)), AWSEC2_Config(KeyFile=str(key_file)))
+    twin = launch_plain_instance(ec2, **crimpl_tagged("crimpl-dev"))  # a duplicate from an older crimpl
+
+    result = run_cli("destroy", "--provisioner", "boto3", "--yes", cwd=project)
+
+    assert result.code == 0, result
+    assert "2 instances carried the name crimpl-dev" in result.stdout
+    assert server.instanceId in result.stdout and twin in result.stdout
+    assert instances(ec2, **{"crimpl:name": "crimpl-dev"}) == []
+    assert ec2.describe_key_pairs()["KeyPairs"] == [] and crimpl_groups(ec2) == []
+
+
+def test_status_and_list_show_every_instance_carrying_the_name(ec2, key_file, tmp_path):
+    project = stack_project(tmp_path / "project", key_file)
+    server, _ = AWSEC2.up(spec_for_stack(read_stack("dev", project)), AWSEC2_Config(KeyFile=str(key_file)))
+    twin = launch_plain_instance(ec2, **crimpl_tagged("crimpl-dev"))
+
+    status = run_cli("status", cwd=project)
+    listing = run_cli("list", cwd=project)
+
+    assert status.code == 0, status
+    assert "2 instances carry the name crimpl-dev" in status.stdout
+    assert {server.instanceId, twin} <= set(re.findall(r"i-[0-9a-f]+", status.stdout))
+    assert listing.code == 0, listing
+    [warning] = [line for line in listing.stdout.splitlines() if line.startswith("warning:")]
+    assert "2 instances carry the name crimpl-dev" in warning
+    assert {server.instanceId, twin} == set(re.findall(r"i-[0-9a-f]+", warning))
+
+
+@pytest.mark.parametrize("how", ["out of band", "failure after TerminateInstances"])
+def test_destroy_after_the_instance_is_gone_still_removes_key_pair_group_and_pin(
+        ec2, aws, key_file, tmp_path, crimpl_home, monkeypatch, how):
+    project = stack_project(tmp_path / "project", key_file)
+    server, _ = AWSEC2.up(spec_for_stack(read_stack("dev", project)), AWSEC2_Config(KeyFile=str(key_file)))
+    if how == "out of band":
+        ec2.terminate_instances(InstanceIds=[server.instanceId])
+    else:
+        with FailingAfter("TerminateInstances", aws.url) as proxy:
+            monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+            monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+            failed = run_cli("destroy", "--provisioner", "boto3", "--yes", cwd=project)
+        assert failed.code != 0 and "Traceback" not in failed.stderr
+        monkeypatch.setenv("AWS_ENDPOINT_URL", aws.url)
+    assert ec2.describe_key_pairs()["KeyPairs"] and crimpl_groups(ec2)
+
+    result = run_cli("destroy", "--provisioner", "boto3", "--yes", cwd=project)
+
+    assert result.code == 0, result
+    assert "nothing to destroy" not in result.stdout
+    assert "removed key pair crimpl-crimpl-dev, security group" in result.stdout
+    assert f"forgot the host key of {server.instanceId}" in result.stdout
+    assert ec2.describe_key_pairs()["KeyPairs"] == [] and crimpl_groups(ec2) == []
+    assert server.instanceId not in (crimpl_home / "known_hosts").read_text()
+    assert describe(ec2, server.instanceId)["State"]["Name"] == "terminated"
+    again = run_cli("destroy", "--provisioner", "boto3", "--yes", cwd=project)
+    assert "nothing to destroy" in again.stdout
+
+
+class FailingAfter(EC2Proxy):
+    """Passes requests until ``action`` has gone through, then fails every one (503).
+
+    As an endpoint that goes away right after EC2 accepted a request.
+    """
+
+    def __init__(self, action, upstream):
+        self.action, self.failing = action, False
+        super().__init__(upstream)
+
+    def answer(self, params, forward):
+        if self.failing:
+            return 503, b"", "text/plain"
+        response = forward()
+        self.failing = params.get("Action") == self.action
+        return response
+
+
+class HonoursClientToken(EC2Proxy):
+    """moto_server with what it lacks: RunInstances is idempotent per ClientToken, as on AWS.
+
+    A token seen before returns the first response when the parameters are the
+    same, and IdempotentParameterMismatch when they differ. ``launched`` counts
+    the RunInstances that reached moto_server.
+    """
+
+    MISMATCH = (b'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error>'
+                b"<Code>IdempotentParameterMismatch</Code><Message>the client token was used with other "
+                b"parameters</Message></Error></Errors><RequestID>proxy</RequestID></Response>")
+
+    def __init__(self, upstream):
+        self.lock, self.seen, self.launched = threading.Lock(), {}, 0
+        super().__init__(upstream)
+
+    def answer(self, params, forward):
+        token = params.get("ClientToken")
+        if params.get("Action") != "RunInstances" or not token:
+            return forward()
+        with self.lock:  # as EC2, one launch per token even when two arrive at once
+            if token in self.seen:
+                first_params, response = self.seen[token]
+                return response if first_params == params else (400, self.MISMATCH, "text/xml")
+            response = forward()
+            self.launched += 1
+            self.seen[token] = (params, response)
+            return response
+
+
+# -- what an `up` adopts: key pair and security group of crimpl's names -----------------------------
+
+
+def other_public_key(tmp_path, kind="ed25519"):
+    folder = tmp_path / f"other-{kind}"
+    folder.mkdir()
+    subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(folder / "key")], check=True)
+    return (folder / "key.pub").read_bytes()
+
+
+def public_keys(ec2):
+    pairs = ec2.describe_key_pairs(IncludePublicKey=True)["KeyPairs"]
+    return {p["KeyName"]: p["PublicKey"].split()[:2] for p in pairs}
+
+
+@pytest.mark.parametrize("kind", ["ed25519", "rsa"])
+def test_existing_key_pair_with_the_key_files_key_is_used(ec2, tmp_path, kind):
+    key = tmp_path / "login" / "key"
+    key.parent.mkdir()
+    subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(key)], check=True)
+    ec2.import_key_pair(KeyName="crimpl-mine", PublicKeyMaterial=key.with_suffix(".pub").read_bytes())
+    config = AWSEC2_Config(KeyFile=str(key), ssh_cidrs=SSH_CIDRS)
+
+    server = AWSEC2.new(config=config, nprocs=2, server_name="mine")
+
+    assert describe(ec2, server.instanceId)["KeyName"] == "crimpl-mine"
+
+
+def test_crimpls_own_key_pair_holding_a_rotated_key_is_replaced(ec2, config, key_file, tmp_path):
+    ec2.import_key_pair(KeyName="crimpl-rotated", PublicKeyMaterial=other_public_key(tmp_path),
+                        TagSpecifications=[{"ResourceType": "key-pair", "Tags": [
+                            {"Key": k, "Value": v} for k, v in crimpl_tagged("rotated").items()]}])
+
+    server = AWSEC2.new(config=config, nprocs=2, server_name="rotated")
+
+    assert describe(ec2, server.instanceId)["KeyName"] == "crimpl-rotated"
+    assert public_keys(ec2)["crimpl-rotated"] == key_file.with_suffix(".pub").read_text().split()[:2]
+
+
+@pytest.mark.parametrize("whose", ["not crimpl's", "used by a live instance"])
+def test_key_pair_holding_another_key_that_cannot_be_replaced_is_refused(ec2, config, tmp_path, whose):
+    tags = crimpl_tagged("stale") if whose == "used by a live instance" else {}
+    old = other_public_key(tmp_path)
+    ec2.import_key_pair(KeyName="crimpl-stale", PublicKeyMaterial=old, TagSpecifications=[
+        {"ResourceType": "key-pair", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()] or
+         [{"Key": "owner", "Value": "someone"}]}])
+    if whose == "used by a live instance":
+        ec2.run_instances(ImageId=NEWEST_UBUNTU_LTS, InstanceType="c6a.large", MinCount=1, MaxCount=1,
+                          KeyName="crimpl-stale")
+
+    with pytest.raises(ConfigError) as caught:
+        AWSEC2.new(config=config, nprocs=2, server_name="stale")
+
+    message = one_line(caught)
+    assert "crimpl-stale" in message and "delete-key-pair" in message
+    assert instances(ec2, **{"crimpl:name": "stale"}) == []
+    assert public_keys(ec2)["crimpl-stale"] == old.decode().split()[:2]
+
+
+def precreate_group(ec2, name, permission, tags=None):
+    vpc = ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])["Vpcs"][0]["VpcId"]
+    kwargs = {"TagSpecifications": [{"ResourceType": "security-group",
+                                     "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]} if tags else {}
+    group = ec2.create_security_group(GroupName=name, Description="pre-existing", VpcId=vpc, **kwargs)["GroupId"]
+    ec2.authorize_security_group_ingress(GroupId=group, IpPermissions=[permission])
+    return group
+
+
+@pytest.mark.parametrize("permission", [
+    {"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]},
+    {"IpProtocol": "tcp", "FromPort": 0, "ToPort": 65535, "IpRanges": [{"CidrIp": SSH_CIDRS[0]}]},
+    {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]},
+], ids=["all-protocols-from-anywhere", "all-ports", "ssh-from-anywhere"])
+def test_existing_group_of_crimpls_name_that_lets_in_more_is_refused(ec2, config, permission):
+    group = precreate_group(ec2, "crimpl-open-ssh", permission)
+
+    with pytest.raises(ConfigError) as caught:
+        AWSEC2.new(config=config, nprocs=2, server_name="open")
+
+    message = one_line(caught)
+    assert group in message and "delete-security-group" in message and "SecurityGroupId" in message
+    assert instances(ec2, **{"crimpl:name": "open"}) == []
+
+
+def test_crimpls_own_group_with_an_old_address_is_narrowed_to_the_current_ones(ec2, config):
+    group = precreate_group(ec2, "crimpl-moved-ssh", ssh_permission(["198.51.100.99/32"]),
+                            tags=crimpl_tagged("moved"))
+
+    server = AWSEC2.new(config=config, nprocs=2, server_name="moved")
+
+    assert [g["GroupId"] for g in describe(ec2, server.instanceId)["SecurityGroups"]] == [group]
+    (rule,) = ssh_rules(ec2, server.instanceId)
+    assert cidrs_of(rule) == SSH_CIDRS
+
+
+def test_ipv6_network_goes_in_the_ipv6_ranges_of_the_rule(ec2, key_file):
+    config = AWSEC2_Config(KeyFile=str(key_file), ssh_cidrs=["2001:db8:1::/48", "203.0.113.7/32"])
+
+    server = AWSEC2.new(config=config, nprocs=2, server_name="six")
+
+    (rule,) = ssh_rules(ec2, server.instanceId)
+    assert cidrs_of(rule) == ["203.0.113.7/32"]
+    assert [r["CidrIpv6"] for r in rule["Ipv6Ranges"]] == ["2001:db8:1::/48"]
+
+
+@pytest.mark.parametrize("cidrs", [["0.0.0.0/1", "128.0.0.0/1"], ["2001:db8::/31"]])
+def test_ssh_cidrs_covering_too_much_together_are_refused_and_nothing_launched(ec2, config, cidrs):
+    with pytest.raises(ConfigError, match="ssh_cidrs"):
+        AWSEC2.new(config=config, nprocs=2, ssh_cidrs=cidrs)
+
+    assert instances(ec2) == [] and crimpl_groups(ec2) == []
+
+
+# -- client cache and waits -----------------------------------------------------------------------
+
+
+def test_client_is_reused_until_an_aws_setting_changes(aws, monkeypatch):
+    first = crimpl_ec2.client()
+    assert crimpl_ec2.client() is first
+    assert crimpl_ec2.client("eu-west-1") is not first
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "another-key")
+
+    changed = crimpl_ec2.client()
+    assert changed is not first
+    assert changed._request_signer._credentials.access_key == "another-key"
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0, -5])
+def test_wait_with_a_timeout_that_never_ends_is_refused(ec2, config, timeout):
+    server = AWSEC2.new(config=config, nprocs=2, wait=False)
+
+    with pytest.raises(ConfigError, match="timeout must be a positive, finite number"):
+        server.stop(timeout=timeout)

@@ -17,12 +17,12 @@ import pulumi
 import pytest
 import yaml
 from pulumi.runtime.mocks import MockMonitor
-from sandbox import AMIS, CANONICAL, NEWEST_UBUNTU_LTS, _ami
+from sandbox import AMIS, CANONICAL, NEWEST_UBUNTU_LTS, _ami, host_key_from_user_data
 
 from crimpl import ec2, pricing
 from crimpl._version import __version__
-from crimpl.config import AWSEC2_Config
-from crimpl.hostkeys import generate_host_key, host_key_from_user_data
+from crimpl.config import UBUNTU_NAME_PATTERN, UBUNTU_OWNER, AWSEC2_Config
+from crimpl.hostkeys import generate_host_key
 from crimpl.stack import read_stack, spec_for_stack
 
 PROGRAM = Path(__file__).resolve().parent.parent / "infra" / "__main__.py"
@@ -201,19 +201,21 @@ def test_image_is_the_newest_canonical_ubuntu_lts(program, base):
     lookup = run.invoked("aws:ec2/getAmi:getAmi")[0]
     assert lookup["owners"] == [CANONICAL] and lookup["mostRecent"] is True
     # A looked-up image moves with every Canonical build: that must not replace the server.
-    assert run.options["server"]["ignore_changes"] == ["ami"]
+    assert run.options["server"]["ignore_changes"] == ["ami"] + REPLACED_HOST_KEY_TAGS
 
 
-class FakeImagesEC2:
-    """Just enough of an EC2 client for crimpl.ec2.newest_ubuntu_lts."""
+#: crimpl replaces the user-data host key after the first connection and records the new key
+#: in these tags; `pulumi up` after a refresh must not put the user-data key back.
+REPLACED_HOST_KEY_TAGS = ['tags["crimpl:host-key"]', 'tags["crimpl:host-key-rotated"]',
+                          'tagsAll["crimpl:host-key"]', 'tagsAll["crimpl:host-key-rotated"]']
 
-    def __init__(self, images):
-        self.images = images
 
-    def describe_images(self, Owners, Filters):  # noqa: N803 - boto3's parameter names
-        filters = [{"name": f["Name"], "values": f["Values"]} for f in Filters]
-        return {"Images": [{"ImageId": i["ami_id"], "Name": i["name"], "CreationDate": i["creation_date"]}
-                           for i in matching_images(self.images, Owners, filters)]}
+def canonical_server_images(images):
+    """What EC2's DescribeImages answers crimpl.ec2.newest_ubuntu_lts's query with."""
+    filters = [{"name": "name", "values": [UBUNTU_NAME_PATTERN]}, {"name": "architecture", "values": ["x86_64"]},
+               {"name": "state", "values": ["available"]}]
+    return [{"ImageId": i["ami_id"], "Name": i["name"], "CreationDate": i["creation_date"]}
+            for i in matching_images(images, [UBUNTU_OWNER], filters)]
 
 
 REBUILT_JAMMY = _ami("ami-0b7c1d2e3f4a5b6c7", "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-20250101",
@@ -229,7 +231,7 @@ NEW_LTS = _ami("ami-0f1e2d3c4b5a69788", "ubuntu/images/hvm-ssd-gp3/ubuntu-resolu
     (AMIS + [REBUILT_JAMMY, NEW_LTS], NEW_LTS["ami_id"]),
 ])
 def test_image_choice_matches_the_boto3_path(program, base, images, expected):
-    assert ec2.newest_ubuntu_lts(FakeImagesEC2(images)) == expected
+    assert ec2.newest_lts_image(canonical_server_images(images)) == expected
     assert program(base, images=images).one(INSTANCE)["ami"] == expected
 
 
@@ -237,7 +239,8 @@ def test_image_id_is_used_without_a_lookup(program, base):
     run = program({**base, "crimpl:imageId": "ami-0123456789abcdef0"})
     assert run.one(INSTANCE)["ami"] == "ami-0123456789abcdef0"
     assert run.invoked("aws:ec2/getAmi:getAmi") == []
-    assert run.options["server"]["ignore_changes"] == []  # a new imageId is a new server
+    # A new imageId is a new server.
+    assert run.options["server"]["ignore_changes"] == REPLACED_HOST_KEY_TAGS
 
 
 def test_public_key_of_key_file_is_imported_as_a_key_pair(program, base, key_file):
@@ -284,6 +287,20 @@ def test_security_group_takes_the_stack_cidr_list(program, base):
 def test_ssh_from_the_whole_internet_is_refused(program, base, cidr):
     with pytest.raises(pulumi.RunError, match=r"crimpl:sshCidrs: .* whole internet"):
         program({**base, "crimpl:sshCidrs": ["203.0.113.0/24", cidr]})
+
+
+@pytest.mark.parametrize("cidrs", [["0.0.0.0/1", "128.0.0.0/1"], ["0.0.0.0/2", "64.0.0.0/2", "128.0.0.0/2",
+                                                                  "192.0.0.0/2"], ["10.0.0.0/7"], ["2001:db8::/31"]])
+def test_ssh_cidrs_that_together_cover_too_much_are_refused(program, base, cidrs):
+    with pytest.raises(pulumi.RunError, match=r"Pulumi.dev.yaml: crimpl:sshCidrs: "):
+        program({**base, "crimpl:sshCidrs": cidrs})
+
+
+def test_ipv6_network_goes_in_the_ipv6_cidr_blocks(program, base):
+    group = program({**base, "crimpl:sshCidrs": ["2001:db8:1::/48", CALLER]}).one(SECURITY_GROUP)
+    [rule] = group["ingress"]
+    assert rule["cidrBlocks"] == [CALLER]
+    assert rule["ipv6CidrBlocks"] == ["2001:db8:1::/48"]
 
 
 def test_no_ssh_cidrs_and_no_group_is_an_error_not_an_open_port(program, base):
@@ -396,6 +413,9 @@ def test_host_key_must_be_a_secret(program, base):
     ("crimpl:sshCidrs", ["not-a-cidr"]),
     ("crimpl:imageId", "ubuntu"),
     ("crimpl:volumesize", 30),
+    ("crimpl:sshTimeout", "nan"),
+    ("crimpl:sshTimeout", "-inf"),
+    ("crimpl:nprocs", 0),
 ])
 def test_wrong_type_or_unknown_key_is_named(program, base, key, value):
     with pytest.raises(pulumi.RunError) as error:
@@ -457,7 +477,9 @@ def pulumi_permission(ingress):
     [rule] = ingress
     return {
         "IpProtocol": rule["protocol"], "FromPort": int(rule["fromPort"]), "ToPort": int(rule["toPort"]),
-        "IpRanges": [{"CidrIp": c, "Description": rule["description"]} for c in rule["cidrBlocks"]],
+        "IpRanges": [{"CidrIp": c, "Description": rule["description"]} for c in rule.get("cidrBlocks", [])],
+        "Ipv6Ranges": [{"CidrIpv6": c, "Description": rule["description"]}
+                       for c in rule.get("ipv6CidrBlocks", [])],
     }
 
 
@@ -466,7 +488,7 @@ PARITY_STACKS = {
     "spot-tags-subnet": {
         "crimpl:nprocs": 16, "crimpl:spot": True, "crimpl:volumeSize": 120,
         "crimpl:tags": {"team": "physics"}, "crimpl:subnetId": "subnet-0123456789abcdef0",
-        "crimpl:sshCidrs": ["203.0.113.0/24", "192.0.2.15/32"], "crimpl:serverName": "big-run",
+        "crimpl:sshCidrs": ["203.0.113.0/24", "192.0.2.15/32", "2001:db8:7::/48"], "crimpl:serverName": "big-run",
     },
     "existing-everything": {
         "crimpl:instanceType": "c7i.2xlarge", "crimpl:keyName": "team-key",
@@ -505,7 +527,7 @@ def test_boto3_and_pulumi_create_the_same_instance(program, key_file, tmp_path, 
 
 def test_security_group_matches_the_one_the_boto3_path_creates(program, key_file, aws, tmp_path):
     """Against moto_server: same name, description and rule; a description AWS accepts."""
-    config = {"crimpl:keyFile": str(key_file), "crimpl:nprocs": 2, "crimpl:sshCidrs": [CALLER]}
+    config = {"crimpl:keyFile": str(key_file), "crimpl:nprocs": 2, "crimpl:sshCidrs": [CALLER, "2001:db8:1::/48"]}
     (tmp_path / "Pulumi.dev.yaml").write_text(yaml.safe_dump({"config": config}))
     spec = spec_for_stack(read_stack("dev", tmp_path), host_key=HOST_KEY)
     client = ec2.client()
@@ -518,4 +540,4 @@ def test_security_group_matches_the_one_the_boto3_path_creates(program, key_file
     assert re.fullmatch(r"[A-Za-z0-9 ._\-:/()#,@\[\]+=&;{}!$*]+", group["description"])
     [permission] = created["IpPermissions"]
     assert pulumi_permission(group["ingress"]) == {
-        key: permission[key] for key in ("IpProtocol", "FromPort", "ToPort", "IpRanges")}
+        key: permission[key] for key in ("IpProtocol", "FromPort", "ToPort", "IpRanges", "Ipv6Ranges")}

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from crimpl import stack
-from crimpl.config import STACK_EXTRA_KEYS, STACK_KEYS
+from crimpl.stackkeys import KEYS
 from crimpl.errors import ConfigError, PulumiNotInstalledError, StackError
 from crimpl.hostkeys import pinned_key, public_line_of
 
@@ -72,7 +72,7 @@ def test_several_stacks_and_no_choice_lists_them(project):
 
 def test_no_stack_file_says_how_to_make_one(tmp_path):
     (tmp_path / "Pulumi.example.yaml").write_text("config: {}\n")
-    with pytest.raises(StackError, match=r"cp Pulumi\.example\.yaml Pulumi\.dev\.yaml"):
+    with pytest.raises(StackError, match=r"run `crimpl init` \(it writes Pulumi\.dev\.yaml"):
         stack.select_stack(project_dir=tmp_path)
 
 
@@ -133,6 +133,12 @@ def test_project_name_and_server_name(project, key_file):
     ("crimpl:username", 7, "crimpl:username must be a str"),
     ("crimpl:keyFile", "/nonexistent/key", "crimpl:keyFile: /nonexistent/key does not exist"),
     ("aws:region", 5, "region must be a str"),
+    ("crimpl:sshTimeout", float("nan"), "crimpl:sshTimeout must be a positive, finite number of seconds"),
+    ("crimpl:sshTimeout", "inf", "crimpl:sshTimeout must be a positive, finite number of seconds"),
+    ("crimpl:sshTimeout", -3, "crimpl:sshTimeout must be a positive, finite number of seconds"),
+    ("crimpl:nprocs", 0, "crimpl:nprocs must be at least 1"),
+    ("crimpl:serverName", 5, "crimpl:serverName must be a str"),
+    ("crimpl:sshCidrs", ["0.0.0.0/1", "128.0.0.0/1"], "crimpl:sshCidrs: 0.0.0.0/1, 128.0.0.0/1 would open SSH"),
 ])
 def test_read_stack_names_the_bad_key_and_the_file(project, key, value, words):
     path = project / "Pulumi.dev.yaml"
@@ -163,7 +169,7 @@ def test_the_example_stack_parses_and_validates(tmp_path, key_file):
 
 def test_the_example_documents_every_key_with_a_comment():
     lines = EXAMPLE.read_text().splitlines()
-    for key in [*STACK_KEYS, *STACK_EXTRA_KEYS]:
+    for key in KEYS:
         [at] = [i for i, line in enumerate(lines) if line.lstrip("# ").startswith(f"crimpl:{key}:")]
         above = lines[at - 1].strip()
         assert above.startswith("#") and not above.lstrip("# ").startswith("crimpl:"), f"crimpl:{key} has no comment"
