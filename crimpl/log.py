@@ -10,12 +10,17 @@ import logging
 logger = logging.getLogger("crimpl")
 
 
-def say(message):
+def say(message: str) -> None:
     """Tell the user what crimpl is doing."""
     logger.info(message)
 
 
-def install_default_handler():
+def warn(message: str) -> None:
+    """Tell the user about something crimpl worked around (a bad line it skipped, ...)."""
+    logger.warning(message)
+
+
+def install_default_handler() -> None:
     """Attach a plain ``crimpl: message`` stderr handler unless one is configured."""
     if not logger.handlers:
         handler = logging.StreamHandler()

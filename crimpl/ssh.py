@@ -8,8 +8,11 @@ after a stop. A key that does not match stops the connection before
 authentication: nothing is sent.
 """
 
+import contextlib
+import logging
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -18,14 +21,17 @@ from fabric import Config, Connection
 
 from . import hostkeys
 from .errors import HostKeyMismatchError, SSHError, SSHNotReadyError
+from .log import say
 
 #: Seconds between two connection attempts while an instance boots.
 RETRY_INTERVAL = 1.0
 #: Seconds one TCP connect may take before it counts as a failed attempt.
 CONNECT_TIMEOUT = 10
+#: Seconds between two "waiting for SSH" lines while an instance boots.
+PROGRESS_EVERY = 10.0
 
 
-def ssh_config_file(configured=None):
+def ssh_config_file(configured: str | None = None) -> str | None:
     """Return the OpenSSH config to honour: the config's ``ssh_config``, else
     ``$CRIMPL_SSH_CONFIG``, else None (fabric then reads ``~/.ssh/config``)."""
     path = configured or os.environ.get("CRIMPL_SSH_CONFIG")
@@ -37,49 +43,62 @@ def ssh_config_file(configured=None):
     return str(path)
 
 
-def fingerprint(key):
+def fingerprint(key: paramiko.PKey) -> str:
     """Return the OpenSSH-style ``SHA256:...`` fingerprint of a paramiko key."""
     return key.fingerprint
 
 
 class PinnedHostKeyPolicy(paramiko.MissingHostKeyPolicy):
-    """Accept only the host key pinned for one instance.
+    """Accept only a host key pinned for one instance.
 
     The client holds no other known hosts, so paramiko asks this policy about
-    every server key; the policy compares it with the instance's pinned key.
+    every server key; the policy compares it with the instance's pinned keys
+    (one, or two while crimpl replaces the key from the user data).
 
-    :param instance_id: the instance the key is pinned for.
-    :param expected: the pinned :class:`paramiko.PKey`, or None if none is pinned yet.
+    :param instance_id: the instance the keys are pinned for.
+    :param expected: the pinned :class:`paramiko.PKey` objects (empty if none is pinned yet).
     :param accept_new: pin the first key seen when none is pinned (opt-in, for
         images without cloud-init).
     """
 
     def __init__(self, instance_id, expected, accept_new=False):
         self.instance_id = instance_id
-        self.expected = expected
+        self.expected = list(expected)
         self.accept_new = accept_new
 
     def missing_host_key(self, client, hostname, key):
-        if self.expected is None:
+        if not self.expected:
             if not self.accept_new:
                 raise HostKeyMismatchError(
                     f"no host key is pinned for {self.instance_id} (server at {hostname} offers "
                     f"{fingerprint(key)}): refusing to connect; set host_key_policy='accept-new' "
                     "only for images without cloud-init"
                 )
-            hostkeys.pin(self.instance_id, f"{key.get_name()} {key.get_base64()}")
-            self.expected = key
+            hostkeys.pin(self.instance_id, hostkeys.public_line(key))
+            self.expected = [key]
             return
-        if key.get_name() != self.expected.get_name() or key.asbytes() != self.expected.asbytes():
+        if not any(hostkeys.same_key(key, pinned) for pinned in self.expected):
+            pinned = ", ".join(fingerprint(k) for k in self.expected)
             raise HostKeyMismatchError(
                 f"host key of {self.instance_id} at {hostname} does not match the pinned key "
-                f"(offered {fingerprint(key)}, pinned {fingerprint(self.expected)}): refusing to "
+                f"(offered {fingerprint(key)}, pinned {pinned}): refusing to "
                 "connect; someone may be intercepting, or the server was rebuilt outside crimpl"
             )
 
 
-def connection(host, user, key_file, instance_id, *, ssh_config=None, expected_key=None,
-               accept_new=False, port=None):
+class KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
+    """Refuse a bastion whose host key is not in the user's known_hosts, as OpenSSH's
+    ``StrictHostKeyChecking yes`` does."""
+
+    def missing_host_key(self, client, hostname, key):
+        raise HostKeyMismatchError(
+            f"the bastion {hostname} offers host key {fingerprint(key)}, which is not in "
+            "~/.ssh/known_hosts: check it and add it (connect once with ssh), then retry"
+        )
+
+
+def connection(host: str, user: str, key_file, instance_id: str, *, ssh_config: str | None = None,
+               expected_key=None, accept_new: bool = False, port: int | None = None) -> Connection:
     """Return an unopened fabric :class:`~fabric.Connection` that verifies the pinned host key.
 
     :param host: address or ssh-config alias of the instance.
@@ -87,18 +106,25 @@ def connection(host, user, key_file, instance_id, *, ssh_config=None, expected_k
     :param key_file: private key to log in with.
     :param instance_id: whose pinned key to expect.
     :param ssh_config: OpenSSH config file to honour (ProxyJump, HostName, Port ...).
-    :param expected_key: the pinned key; looked up in ``$CRIMPL_HOME/known_hosts`` when None.
+    :param expected_key: the pinned key, or a list of keys any of which the server may
+        present; looked up in ``$CRIMPL_HOME/known_hosts`` when None.
     :param accept_new: pin the first key seen if none is pinned.
     :param port: SSH port, when neither 22 nor the ssh config's.
     """
     path = ssh_config_file(ssh_config)
     config = Config(runtime_ssh_path=path) if path else Config()
-    expected = expected_key or hostkeys.pinned_key(instance_id)
+    if expected_key is None:
+        expected = hostkeys.pinned_keys(instance_id)
+    elif isinstance(expected_key, paramiko.PKey):
+        expected = [expected_key]
+    else:
+        expected = list(expected_key)
     connect_kwargs = {"key_filename": str(key_file), "look_for_keys": False, "allow_agent": False}
-    if expected is not None:
-        # Ask only for the pinned key's type: a server with several host keys
+    if expected:
+        # Ask only for the pinned keys' types: a server with several host keys
         # would otherwise offer whichever type paramiko prefers.
-        others = [k for k in paramiko.Transport._preferred_keys if k != expected.get_name()]
+        types = {k.get_name() for k in expected}
+        others = [k for k in paramiko.Transport._preferred_keys if k not in types]
         connect_kwargs["disabled_algorithms"] = {"keys": others}
     conn = Connection(host, user=user, port=port, config=config, connect_timeout=CONNECT_TIMEOUT,
                       connect_kwargs=connect_kwargs)
@@ -106,41 +132,99 @@ def connection(host, user, key_file, instance_id, *, ssh_config=None, expected_k
     conn.client = paramiko.SSHClient()
     conn.client.set_missing_host_key_policy(PinnedHostKeyPolicy(instance_id, expected, accept_new))
     if isinstance(conn.gateway, Connection):
-        # A bastion from ProxyJump is verified against the user's own known_hosts.
+        # A bastion from ProxyJump is verified against the user's own known_hosts
+        # (read line by line: one bad line there must not stop every command).
         conn.gateway.client = paramiko.SSHClient()
-        conn.gateway.client.load_system_host_keys()
-        conn.gateway.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        for name, key in hostkeys.user_known_hosts():
+            conn.gateway.client.get_host_keys().add(name, key.get_name(), key)
+        conn.gateway.client.set_missing_host_key_policy(KnownHostsPolicy())
     return conn
 
 
-def open_when_ready(conn, timeout, interval=RETRY_INTERVAL):
-    """Open ``conn``, retrying while the server is not up yet, for at most ``timeout`` seconds.
+def open_when_ready(connect, timeout: float, interval: float = RETRY_INTERVAL,
+                    label: str | None = None) -> Connection:
+    """Open a connection, retrying while the server is not up yet, for at most ``timeout`` seconds.
 
-    A host key mismatch is never retried.
+    While it waits it says so, once at the first failed try and then every
+    :data:`PROGRESS_EVERY` seconds. A host key mismatch is never retried.
 
-    :raises SSHNotReadyError: naming how long it waited and the last error.
+    :param connect: an unopened Connection, or a function returning a new one for each
+        try (so an address or ssh-config route that appears while the server boots is used).
+    :param label: how to name the server in messages (``crimpl-dev (i-0abc...)``);
+        default: ``user@host``.
+    :return: the open Connection.
+    :raises SSHNotReadyError: naming the server, how long it waited and the last error.
     """
+    make = connect if callable(connect) and not isinstance(connect, Connection) else lambda: connect
     started = time.monotonic()
+    told = None
     attempts = 0
     while True:
         attempts += 1
+        conn = make()
+        label = label or f"{conn.user}@{conn.host}"
         try:
-            conn.open()
+            with _quiet_paramiko():
+                conn.open()
             return conn
         except HostKeyMismatchError:
             conn.close()
             raise
+        except paramiko.BadHostKeyException as exc:
+            # A known host (a bastion in ~/.ssh/known_hosts) with another key: never retried.
+            conn.close()
+            raise HostKeyMismatchError(
+                f"host key of {exc.hostname} does not match ~/.ssh/known_hosts (offered "
+                f"{fingerprint(exc.key)}, known {fingerprint(exc.expected_key)}): refusing to connect"
+            ) from exc
         except (OSError, EOFError, paramiko.SSHException) as exc:
             last = exc
             conn.close()
         waited = time.monotonic() - started
         if waited + interval > timeout:
             raise SSHNotReadyError(
-                f"SSH to {conn.user}@{conn.host} not ready after {waited:.0f} s ({attempts} tries); "
+                f"SSH to {label} not ready after {waited:.0f} s ({attempts} tries); "
                 f"last error: {_describe(last)}. Check the instance is running and its security "
                 "group allows your address, or raise ssh_timeout"
             )
+        if told is None or waited - told >= PROGRESS_EVERY:
+            say(f"waiting for SSH on {label}: {waited:.0f} s")
+            told = waited
         time.sleep(interval)
+
+
+class _DropAll(logging.Filter):
+    def filter(self, record):
+        return False
+
+
+_QUIET = _DropAll()
+_quiet_lock = threading.Lock()
+_quiet_count = 0
+
+
+@contextlib.contextmanager
+def _quiet_paramiko():
+    """Silence paramiko's transport logger while connecting.
+
+    Its thread logs every failed handshake (a port that accepts and closes while
+    sshd starts, or behind a bastion) with a full traceback, which Python's
+    last-resort handler prints to the terminal. The same error reaches crimpl as
+    an exception and ends up, in one line, in :class:`SSHNotReadyError`.
+    """
+    global _quiet_count
+    logger = logging.getLogger("paramiko.transport")
+    with _quiet_lock:
+        if _quiet_count == 0:
+            logger.addFilter(_QUIET)
+        _quiet_count += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_count -= 1
+            if _quiet_count == 0:
+                logger.removeFilter(_QUIET)
 
 
 def _describe(exc):
@@ -150,7 +234,8 @@ def _describe(exc):
     return text.splitlines()[0]
 
 
-def interactive_command(host, user, key_file, instance_id, ssh_config=None):
+def interactive_command(host: str, user: str, key_file, instance_id: str,
+                        ssh_config: str | None = None) -> list:
     """Return the OpenSSH argv for an interactive shell with the same host key pinning.
 
     ``HostKeyAlias`` makes OpenSSH look the key up under the instance id in

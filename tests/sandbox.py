@@ -6,8 +6,11 @@ config it writes ends with a catch-all that sends any other host to a closed
 loopback port, so no test traffic can leave the machine.
 """
 
+import base64
+import ctypes
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -29,6 +32,16 @@ def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def die_with_parent():
+    """In a child process (``preexec_fn``): get SIGTERM when the parent dies, even by SIGKILL.
+
+    Linux's ``PR_SET_PDEATHSIG`` fires when the *thread* that started the child
+    ends, so use it only for children started from a process's main thread.
+    """
+    PR_SET_PDEATHSIG = 1  # noqa: N806 - <sys/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def wait_until(predicate, timeout, interval=0.05, what="condition"):
@@ -87,22 +100,29 @@ def write_amis(path):
 
 
 class MotoServer:
-    """moto_server as a separate process on a loopback port: a real HTTP EC2 endpoint."""
+    """moto_server as a separate process on a loopback port: a real HTTP EC2 endpoint.
 
-    def __init__(self, workdir):
+    :param die_with_parent: end it when the process that started it dies (see
+        :func:`die_with_parent`).
+    """
+
+    def __init__(self, workdir, die_with_parent=False):
         self.workdir = Path(workdir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = None
+        self.die_with_parent = die_with_parent
 
     def start(self):
         amis = write_amis(self.workdir / "amis.json")
         env = dict(os.environ, MOTO_AMIS_PATH=str(amis))
         self.log = open(self.workdir / "moto_server.log", "wb")
+        # cwd: the process can be told apart from another sandbox's by its working folder.
         self.process = subprocess.Popen(
             [sys.executable, str(Path(__file__).with_name("moto_launcher.py")),
              "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env,
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            cwd=self.workdir, preexec_fn=die_with_parent if self.die_with_parent else None,
         )
         wait_until(self._answers, timeout=60, interval=0.1, what="moto_server start")
         return self
@@ -155,9 +175,21 @@ def make_client_key(directory):
 
 
 class Sshd:
-    """OpenSSH's sshd on a loopback port with its own config, host key and authorized_keys."""
+    """OpenSSH's sshd on a loopback port with its own config, host key and authorized_keys.
 
-    def __init__(self, workdir, host_private_pem, authorized_public, port=None):
+    Its port and host key stay the same across :meth:`stop` and :meth:`start`,
+    as an instance's do across a stop and start. As on Ubuntu, crimpl can
+    replace the host key over SSH (``crimpl.hostkeys.rotate``): ``SetEnv``
+    tells its script where this server's key and pid file are.
+
+    :param home: give the sessions this folder as their home and working folder
+        (an instance's own disk) instead of the login user's home on this machine.
+    :param die_with_parent: end sshd when the thread that started it ends (see
+        :func:`die_with_parent`).
+    """
+
+    def __init__(self, workdir, host_private_pem, authorized_public, port=None, home=None,
+                 die_with_parent=False):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -168,7 +200,28 @@ class Sshd:
         self.authorized_keys.write_text(authorized_public.strip() + "\n", encoding="utf-8")
         self.authorized_keys.chmod(0o600)
         self.config = self.workdir / "sshd_config"
+        self.pid_file = self.workdir / "sshd.pid"
+        self.home = Path(home) if home else None
+        self.die_with_parent = die_with_parent
         self.process = None
+
+    def _login_lines(self):
+        if self.home is None:
+            return ""
+        self.home.mkdir(parents=True, exist_ok=True)
+        login = self.workdir / "login.sh"
+        # sshd starts every session in the user's home from /etc/passwd, shared by
+        # every sandbox instance; this wrapper moves it to the instance's own home.
+        login.write_text(
+            "#!/bin/sh\n"
+            f"HOME={shlex.quote(str(self.home))}; export HOME\n"
+            'cd "$HOME" || exit 1\n'
+            'if [ -z "${SSH_ORIGINAL_COMMAND+set}" ]; then exec "$SHELL" -l; fi\n'
+            'exec "$SHELL" -c "$SSH_ORIGINAL_COMMAND"\n',
+            encoding="utf-8",
+        )
+        login.chmod(0o755)
+        return f"ForceCommand {login}\n"
 
     def start(self, wait=True):
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
@@ -177,7 +230,9 @@ class Sshd:
             "ListenAddress 127.0.0.1\n"
             f"HostKey {self.host_key}\n"
             f"AuthorizedKeysFile {self.authorized_keys}\n"
-            f"PidFile {self.workdir / 'sshd.pid'}\n"
+            f"PidFile {self.pid_file}\n"
+            f"SetEnv CRIMPL_HOST_KEY_FILE={self.host_key} CRIMPL_SSHD_PIDFILE={self.pid_file}\n"
+            + self._login_lines() +
             "PermitRootLogin prohibit-password\n"
             "PasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\n"
@@ -189,10 +244,11 @@ class Sshd:
             "Subsystem sftp internal-sftp\n",
             encoding="utf-8",
         )
-        self.log = open(self.workdir / "sshd.log", "wb")
+        self.log = open(self.workdir / "sshd.log", "ab")
         self.process = subprocess.Popen(
             [SSHD, "-D", "-e", "-f", str(self.config)],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir,
+            start_new_session=True, preexec_fn=die_with_parent if self.die_with_parent else None,
         )
         if wait:
             self.wait_ready()
@@ -251,25 +307,50 @@ class SSHRoutes:
         self.path.write_text("\n".join(lines), encoding="utf-8")
 
 
+def moto_client(endpoint_url):
+    """Return a boto3 EC2 client for moto_server at ``endpoint_url``, with its dummy credentials."""
+    return boto3.client("ec2", region_name=REGION, endpoint_url=endpoint_url,
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
 def instance_addresses(instance_id, endpoint_env):
     """Return the public and private IP of ``instance_id`` as moto_server reports them."""
-    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=endpoint_env["AWS_ENDPOINT_URL"],
-                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    ec2 = moto_client(endpoint_env["AWS_ENDPOINT_URL"])
     inst = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
     return [ip for ip in (inst.get("PublicIpAddress"), inst.get("PrivateIpAddress")) if ip]
 
 
+def host_key_from_user_data(user_data):
+    """Return ``(private_pem, public_line)`` from crimpl's cloud-config user data, or None.
+
+    This is what cloud-init does with crimpl's ``ssh_keys``; the sandbox uses it
+    to start an instance's sshd with the key from its user data.
+    """
+    if not user_data or "ed25519_private: |" not in user_data:
+        return None
+    lines = user_data.splitlines()
+    start = lines.index("  ed25519_private: |") + 1
+    private_lines = []
+    for line in lines[start:]:
+        if not line.startswith("    "):
+            break
+        private_lines.append(line[4:])
+    public = next(
+        line.split(":", 1)[1].strip() for line in lines if line.startswith("  ed25519_public:")
+    )
+    return "\n".join(private_lines) + "\n", public
+
+
+def user_data_host_key(ec2, instance_id):
+    """Return the host key pair in the instance's user data, read back via EC2, or None."""
+    attr = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+    value = attr.get("UserData", {}).get("Value")
+    return host_key_from_user_data(base64.b64decode(value).decode() if value else "")
+
+
 def instance_host_key(instance_id, endpoint_env):
     """Return the host private key crimpl put in the instance's user data, read back via EC2."""
-    import base64
-
-    from crimpl.hostkeys import host_key_from_user_data
-
-    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=endpoint_env["AWS_ENDPOINT_URL"],
-                       aws_access_key_id="testing", aws_secret_access_key="testing")
-    attr = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
-    user_data = base64.b64decode(attr["UserData"]["Value"]).decode()
-    private, _public = host_key_from_user_data(user_data)
+    private, _public = user_data_host_key(moto_client(endpoint_env["AWS_ENDPOINT_URL"]), instance_id)
     return private
 
 
@@ -318,35 +399,52 @@ class CheckIP(LoopbackHTTPServer):
 
 
 class Sandbox:
-    """moto_server plus one sshd per running crimpl instance, kept in step with EC2.
+    """moto_server plus one sshd per crimpl instance, kept in step with EC2.
 
     Every ``interval`` seconds it looks at the crimpl instances moto_server
-    knows: a running one gets an sshd with the host key from its user data (as
-    cloud-init would install it) and SSH routes for its current addresses; a
-    stopped or terminated one loses its sshd, as a real instance does.
+    knows. An instance it sees for the first time gets its own sshd port, home
+    folder and SSH routes for its addresses at once, even before it runs, as a
+    real instance's address and port 22 are fixed from its launch; its sshd uses
+    the host key from the user data, as cloud-init would install it. A running
+    instance's sshd is started; a stopped one's is stopped (its port then
+    refuses, its key and home stay), a terminated one's is removed.
+
+    :param die_with_parent: end moto_server and every sshd when this process dies
+        (call :meth:`sync` from the main thread then).
     """
 
-    def __init__(self, directory, interval=0.3):
+    def __init__(self, directory, interval=0.3, die_with_parent=False):
         import getpass
 
+        self.moto = self.checkip = None
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.interval = interval
+        self.die_with_parent = die_with_parent
         self.user = getpass.getuser()
         self.sshds = {}
+        self.env_file = self.dir / "env.sh"
         # A stale env.sh would point at a server that is gone; it reappears once this one is up.
-        (self.dir / "env.sh").unlink(missing_ok=True)
+        self.env_file.unlink(missing_ok=True)
+        # The instances of an earlier sandbox in this folder are gone with its moto_server.
+        for old in self.dir.glob("sshd-i-*"):
+            shutil.rmtree(old, ignore_errors=True)
 
     def start(self):
-        self.moto = MotoServer(self.dir).start()
+        self.moto = MotoServer(self.dir, die_with_parent=self.die_with_parent).start()
         self.checkip = CheckIP()
         self.key = make_client_key(self.dir)
         self.routes = SSHRoutes(self.dir / "ssh_config")
         self.env = {**self.moto.environ(), "CRIMPL_SSH_CONFIG": str(self.routes.path),
                     "CRIMPL_CHECKIP_URL": self.checkip.url}
-        lines = [f"export {k}={v}" for k, v in self.env.items()]
-        (self.dir / "env.sh").write_text("\n".join(lines) + "\n", encoding="utf-8")
         return self
+
+    def write_env(self):
+        """Write ``env.sh`` (whole, at once): its existence means the sandbox is ready."""
+        lines = [f"export {k}={shlex.quote(v)}" for k, v in self.env.items()]
+        tmp = self.env_file.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tmp.replace(self.env_file)
 
     def stack_yaml(self, nprocs=2):
         """Return a ``Pulumi.<stack>.yaml`` whose server the sandbox can serve."""
@@ -357,38 +455,36 @@ class Sandbox:
             f"  crimpl:keyFile: {self.key}\n"
             f"  crimpl:username: {self.user}\n"
             f"  crimpl:nprocs: {nprocs}\n"
-            f"  crimpl:remoteDir: {self.dir / 'remote'}\n"
             "  crimpl:sshTimeout: 60\n"
         )
 
     def sync(self):
         """Bring the sshd servers and routes in line with the instances, once."""
-        import base64
-
-        from crimpl.hostkeys import host_key_from_user_data
-
-        ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=self.moto.url,
-                           aws_access_key_id="testing", aws_secret_access_key="testing")
+        ec2 = moto_client(self.moto.url)
         pages = ec2.describe_instances(Filters=[{"Name": "tag:crimpl:managed", "Values": ["true"]}])
         for reservation in pages["Reservations"]:
             for inst in reservation["Instances"]:
                 iid, state = inst["InstanceId"], inst["State"]["Name"]
-                if state != "running":
+                if state in ("terminated", "shutting-down"):
                     if iid in self.sshds:
                         self.sshds.pop(iid).stop()
                     continue
                 if iid not in self.sshds:
-                    attr = ec2.describe_instance_attribute(InstanceId=iid, Attribute="userData")
-                    value = attr.get("UserData", {}).get("Value")
-                    host_key = host_key_from_user_data(base64.b64decode(value).decode() if value else "")
+                    host_key = user_data_host_key(ec2, iid)
                     if host_key is None:
                         continue  # no host key in its user data: cloud-init would not start sshd either
-                    private, _ = host_key
-                    self.sshds[iid] = Sshd(self.dir / f"sshd-{iid}", private,
-                                           self.key.with_suffix(".pub").read_text()).start()
+                    workdir = self.dir / f"sshd-{iid}"
+                    self.sshds[iid] = Sshd(workdir, host_key[0], self.key.with_suffix(".pub").read_text(),
+                                           home=workdir / "home", die_with_parent=self.die_with_parent)
+                sshd = self.sshds[iid]
                 for address in (inst.get("PublicIpAddress"), inst.get("PrivateIpAddress")):
-                    if address and self.routes.routes.get(address, (None,))[0] != self.sshds[iid].port:
-                        self.routes.add(address, self.sshds[iid].port)
+                    if address and self.routes.routes.get(address, (None,))[0] != sshd.port:
+                        self.routes.add(address, sshd.port)
+                running = sshd.process is not None and sshd.process.poll() is None
+                if state == "running" and not running:
+                    sshd.start()
+                elif state != "running" and running:
+                    sshd.stop()
 
     def serve(self, seconds):
         """Keep in step with EC2 for at most ``seconds``, then stop."""
@@ -401,11 +497,94 @@ class Sandbox:
             self.stop()
 
     def stop(self):
+        """Stop every sshd, the check-ip server and moto_server; remove ``env.sh``. Safe to repeat."""
+        self.env_file.unlink(missing_ok=True)
         for sshd in self.sshds.values():
             sshd.stop()
         self.sshds.clear()
-        self.checkip.stop()
-        self.moto.stop()
+        for part in ("checkip", "moto"):
+            if getattr(self, part, None) is not None:
+                getattr(self, part).stop()
+                setattr(self, part, None)
+
+
+# ---------------------------------------------------------------------------
+# The command line: foreground, --background, --stop
+
+
+def _moto_missing():
+    try:
+        import moto.server  # noqa: F401 - only to tell whether it is installed
+    except ImportError:
+        return True
+    return False
+
+
+def _sandbox_pid(directory):
+    """Return the pid of the sandbox serving ``directory``, or None."""
+    try:
+        pid = int((Path(directory) / "sandbox.pid").read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if b"sandbox.py" in cmdline else None
+
+
+def process_alive(pid):
+    """Tell whether process ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def stop_sandbox(directory, timeout=30):
+    """Stop the sandbox serving ``directory`` (SIGTERM, then SIGKILL); return whether one ran."""
+    pid = _sandbox_pid(directory)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    try:
+        wait_until(lambda: not process_alive(pid), timeout=timeout, interval=0.1, what="sandbox exit")
+    except TimeoutError:
+        # Its children get SIGTERM from the kernel when it dies (die_with_parent).
+        os.kill(pid, signal.SIGKILL)
+    (Path(directory) / "sandbox.pid").unlink(missing_ok=True)
+    return True
+
+
+def start_in_background(argv, directory, timeout=120):
+    """Start the sandbox as its own process, detached from this terminal; return once it is ready.
+
+    :raises SystemExit: with the end of its log if it exits before it is ready.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    log_path = directory / "sandbox.log"
+    env_file = directory / "env.sh"
+    env_file.unlink(missing_ok=True)
+    with open(log_path, "wb") as log:
+        # Its own session, and no pipe of the caller held open: the caller's shell (or
+        # invoke, which waits for its pipes to close) gets control back.
+        child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv],
+                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+
+    def ready():
+        if child.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise SystemExit(f"crimpl: error: the sandbox exited before it was ready: {tail[0]} "
+                             f"(log: {log_path})")
+        return env_file.exists()
+
+    try:
+        wait_until(ready, timeout=timeout, interval=0.1, what="sandbox start")
+    except TimeoutError:
+        child.terminate()
+        raise SystemExit(f"crimpl: error: the sandbox was not ready after {timeout} s "
+                         f"(log: {log_path})") from None
+    return child.pid
 
 
 def main(argv=None):
@@ -416,15 +595,56 @@ def main(argv=None):
     parser.add_argument("--dir", default="/tmp/crimpl-sandbox", help="working folder (env.sh lands here)")
     parser.add_argument("--minutes", type=float, default=60, help="stop by itself after this long")
     parser.add_argument("--stack-file", help="also write a Pulumi.<stack>.yaml for the sandbox here")
+    parser.add_argument("--background", action="store_true",
+                        help="run detached; return once env.sh is written")
+    parser.add_argument("--stop", action="store_true", help="stop the sandbox running in --dir")
     args = parser.parse_args(argv)
-    sandbox = Sandbox(args.dir).start()
-    if args.stack_file:
-        Path(args.stack_file).write_text(sandbox.stack_yaml(), encoding="utf-8")
-    print(f"sandbox ready for {args.minutes:g} min: . {sandbox.dir / 'env.sh'}", flush=True)
+    directory = Path(args.dir).resolve()
+    if args.stop:
+        print("sandbox stopped" if stop_sandbox(directory) else f"no sandbox running in {directory}")
+        return
+    if _moto_missing():
+        raise SystemExit("crimpl: error: the sandbox needs moto: pip install -e '.[sandbox]'")
+    # One sandbox per folder: a second start replaces the first.
+    stop_sandbox(directory)
+    if args.background:
+        rest = ["--dir", str(directory), "--minutes", str(args.minutes)]
+        if args.stack_file:
+            rest += ["--stack-file", str(Path(args.stack_file).resolve())]
+        start_in_background(rest, directory)
+        print(f"sandbox ready for {args.minutes:g} min: . {directory / 'env.sh'}; "
+              f"stop it with `invoke sandbox --stop`", flush=True)
+        return
+    serve_forever(directory, args.minutes, args.stack_file)
+
+
+def serve_forever(directory, minutes, stack_file=None):
+    """Run the sandbox in this process until ``minutes`` pass, SIGTERM or SIGINT."""
+
+    def stop_on_signal(signum, frame):
+        # Once: a second signal must not interrupt the cleanup it starts.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_on_signal)
+    signal.signal(signal.SIGINT, stop_on_signal)
+    sandbox = Sandbox(directory, die_with_parent=True)
+    pid_file = sandbox.dir / "sandbox.pid"
+    pid_file.write_text(str(os.getpid()), encoding="utf-8")
     try:
-        sandbox.serve(args.minutes * 60)
+        sandbox.start()
+        if stack_file:
+            Path(stack_file).write_text(sandbox.stack_yaml(), encoding="utf-8")
+        sandbox.write_env()
+        print(f"sandbox ready for {minutes:g} min: . {sandbox.env_file}", flush=True)
+        sandbox.serve(minutes * 60)
     except KeyboardInterrupt:
         pass
+    finally:
+        sandbox.stop()
+        if _sandbox_pid(directory) == os.getpid():
+            pid_file.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
