@@ -18,11 +18,14 @@ from .config import AWSEC2_Config, saved_config_names
 from .errors import (
     AWSError,
     ConfigError,
+    ConnectionLostError,
     CrimplError,
+    ExitStatus,
     HostKeyMismatchError,
     InstanceNotFoundError,
     InstanceStateError,
     JobError,
+    JobUnreachableError,
     PulumiNotInstalledError,
     ScriptFailedError,
     SSHError,
@@ -37,8 +40,10 @@ from .server import AWSEC2, InstanceInfo, Local, list_instances, terminate_all
 install_default_handler()
 
 __all__ = [
-    "AWSEC2", "AWSEC2_Config", "AWSError", "ConfigError", "CrimplError", "HostKeyMismatchError",
+    "AWSEC2", "AWSEC2_Config", "AWSError", "ConfigError", "ConnectionLostError", "CrimplError",
+    "ExitStatus", "HostKeyMismatchError",
     "InstanceInfo", "InstanceNotFoundError", "InstanceStateError", "Job", "JobError", "JobStatus",
+    "JobUnreachableError",
     "Local", "PulumiNotInstalledError", "SSHError", "SSHNotReadyError", "ScriptFailedError",
     "StackError", "TransferError", "__version__", "list_instances", "saved_config_names",
     "terminate_all",

@@ -1,8 +1,9 @@
 """The invoke tasks, shared by ``invoke`` in a checkout (via ``tasks.py``) and the ``crimpl`` command.
 
 Each task parses its arguments, calls the crimpl API and prints the result. A
-:class:`~crimpl.errors.CrimplError` becomes one line on stderr and exit code 1,
-without a traceback; nothing else in crimpl prints errors.
+:class:`~crimpl.errors.CrimplError` becomes one line on stderr and the exit code
+of its kind (:class:`~crimpl.errors.ExitStatus`), without a traceback; nothing
+else in crimpl prints errors.
 
 Which server a task acts on: ``--instance-id``, else ``--server`` (a
 ``crimpl:name``), else ``--stack`` (``local`` for this machine), else
@@ -10,15 +11,20 @@ Which server a task acts on: ``--instance-id``, else ``--server`` (a
 """
 
 import functools
+import importlib.resources
 import inspect
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
-from invoke import Collection, Exit, Program, task
+from invoke import Argument, Collection, Context, Exit, ParserContext, Program, Task, task
 
 from . import __version__
-from .errors import CrimplError, InstanceNotFoundError, StackError
+from .errors import (AWSError, ConfigError, CrimplError, ExitStatus, InstanceNotFoundError,
+                     InstanceStateError, ScriptFailedError, SSHError, StackError)
 
 SERVER_HELP = {
     "stack": "stack name (Pulumi.<stack>.yaml), or 'local' for this machine",
@@ -26,20 +32,69 @@ SERVER_HELP = {
     "server": "server name (crimpl:name tag), instead of a stack",
 }
 
+#: The exit status of each kind of error: the first that matches; any other is ERROR.
+EXIT_STATUS = (
+    (ScriptFailedError, ExitStatus.JOB_FAILED),
+    (SSHError, ExitStatus.SSH),
+    (ConfigError, ExitStatus.CONFIG),
+    (StackError, ExitStatus.CONFIG),
+    (AWSError, ExitStatus.AWS),
+    (InstanceNotFoundError, ExitStatus.AWS),
+    (InstanceStateError, ExitStatus.AWS),
+)
 
-def reports_errors(body):
-    """Turn a CrimplError raised by a task into a one-line message and exit code 1."""
+
+def exit_status(exc: CrimplError) -> ExitStatus:
+    """Return the exit status the command ends with when ``exc`` stops a task."""
+    return next((status for kind, status in EXIT_STATUS if isinstance(exc, kind)), ExitStatus.ERROR)
+
+
+def command_name(c: Context) -> str:
+    """Return the command the user runs the tasks with: ``crimpl``, or ``invoke`` in a checkout.
+
+    Each collection says it in its configuration (``crimpl.command``).
+    """
+    return c.config.get("crimpl", {}).get("command", "crimpl")
+
+
+def as_typed(message: str, command: str) -> str:
+    """Say the hints in ``message`` with the command the user runs.
+
+    Hints name crimpl's tasks as `` `crimpl TASK ...` `` wherever they are
+    written (the library does not know how it was called); in a checkout that
+    command is ``invoke``.
+    """
+    return message.replace("`crimpl ", f"`{command} ")
+
+
+def reports_errors(body: Callable) -> Callable:
+    """Turn a CrimplError raised by a task into a one-line message and the exit status of its kind."""
 
     @functools.wraps(body)
-    def wrapper(*args, **kwargs):
+    def wrapper(c, *args, **kwargs):
         try:
-            return body(*args, **kwargs)
+            return body(c, *args, **kwargs)
         except CrimplError as exc:
-            raise Exit(f"crimpl: error: {exc}", code=1) from None
+            message = as_typed(f"crimpl: error: {exc}", command_name(c))
+            raise Exit(message, code=exit_status(exc)) from None
         except KeyboardInterrupt:
-            raise Exit("crimpl: interrupted", code=130) from None
+            raise Exit("crimpl: interrupted", code=ExitStatus.INTERRUPTED) from None
 
     return wrapper
+
+
+class CrimplTask(Task):
+    """A task whose option help survives being parsed more than once."""
+
+    def get_arguments(self, ignore_unknown_help: bool | None = None) -> list[Argument]:
+        # invoke's Task.get_arguments pops each help string from self.help, so a
+        # second parse in the same process (a test, or the crimpl command's own
+        # look at the options) would show no help at all.
+        help_ = dict(self.help)
+        try:
+            return super().get_arguments(ignore_unknown_help)
+        finally:
+            self.help = help_
 
 
 def crimpl_task(*args, **kwargs):
@@ -49,7 +104,7 @@ def crimpl_task(*args, **kwargs):
     def decorate(body):
         params = {name.replace("_", "-") for name in inspect.signature(body).parameters}
         help_ = {k: v for k, v in SERVER_HELP.items() if k in params}
-        return task(help={**help_, **extra_help}, **kwargs)(reports_errors(body))
+        return task(help={**help_, **extra_help}, klass=CrimplTask, **kwargs)(reports_errors(body))
 
     return decorate(args[0]) if args and callable(args[0]) else decorate
 
@@ -82,8 +137,14 @@ def resolve_server(stack=None, instance_id=None, server=None):
         return AWSEC2(server_name=settings.server_name, config=_config_for(settings))
     except InstanceNotFoundError as exc:
         raise InstanceNotFoundError(
-            f"stack {settings.name} has no live server ({exc}); run `invoke up --stack {settings.name}`"
+            f"stack {settings.name} has no live server ({exc}); run `crimpl up --stack {settings.name}`"
         ) from exc
+
+
+def _server_args(stack=None, instance_id=None, server=None):
+    """The options that chose the server, as a hint repeats them (empty if none was given)."""
+    chosen = {"--instance-id": instance_id, "--server": server, "--stack": stack}
+    return "".join(f" {flag} {value}" for flag, value in chosen.items() if value)
 
 
 # -- provisioning ----------------------------------------------------------------
@@ -123,8 +184,11 @@ def preview(c, stack=None, provisioner=None):
 
     spec = stacks.spec_for_stack(settings)
     found = find_instances(client(spec.region), name=spec.server_name)
-    if found:
-        print(f"{settings.name}: {found[-1]['InstanceId']} exists; up would change nothing")
+    if len(found) > 1:
+        print(f"{settings.name}: {len(found)} instances carry the name {spec.server_name} "
+              f"({', '.join(i['InstanceId'] for i in found)}); `destroy` ends all of them")
+    elif found:
+        print(f"{settings.name}: {found[0]['InstanceId']} exists; up would change nothing")
     else:
         print(f"{settings.name}: up would launch {spec.instance_type} named {spec.server_name}")
 
@@ -142,15 +206,24 @@ def destroy(c, stack=None, provisioner=None, yes=False):
     if provisioner == "pulumi":
         stacks.destroy(settings, on_output=print)
         return
-    from .server import AWSEC2
+    from .server import destroy_server
 
-    try:
-        server = AWSEC2(server_name=settings.server_name, config=_config_for(settings))
-    except InstanceNotFoundError:
-        print(f"{settings.name}: no live server; nothing to destroy")
+    name = settings.server_name
+    report = destroy_server(name, region=_config_for(settings).region)
+    if not report:
+        print(f"{settings.name}: nothing to destroy (no instance, key pair or security group named {name})")
         return
-    server.terminate()
-    print(f"{settings.name}: terminated {server.instanceId} and removed what crimpl created for it")
+    if len(report.terminated) > 1:
+        print(f"{settings.name}: {len(report.terminated)} instances carried the name {name}; "
+              f"terminated all of them: {', '.join(report.terminated)}")
+    elif report.terminated:
+        print(f"{settings.name}: terminated {report.terminated[0]}")
+    else:
+        print(f"{settings.name}: no instance of {name} was left")
+    if report.removed:
+        print(f"{settings.name}: removed {', '.join(report.removed)}")
+    if report.unpinned:
+        print(f"{settings.name}: forgot the host key of {', '.join(report.unpinned)}")
 
 
 @crimpl_task
@@ -176,7 +249,8 @@ def _confirm(yes, question):
     except EOFError:
         answer = ""
     if answer.strip().lower() != "yes":
-        raise Exit("crimpl: not confirmed; nothing changed (pass --yes to skip the question)", code=1)
+        raise Exit("crimpl: not confirmed; nothing changed (pass --yes to skip the question)",
+                   code=ExitStatus.ERROR)
 
 
 # -- lifecycle -------------------------------------------------------------------
@@ -212,10 +286,19 @@ def status(c, stack=None, instance_id=None, server=None):
     if target.instanceId == "local":
         print(f"local: jobs in {target.job_root}; latest job: {target.job_status}")
         return
+    from .ec2 import find_instances, state_of
+
     info = target.describe()
-    state = info["State"]["Name"]
-    print(f"{target.server_name or '-'}  {target.instanceId}  {state}  {info['InstanceType']}  "
-          f"{info.get('PublicIpAddress') or '-'}")
+    name = target.server_name
+    # Every instance that carries the name: more than one means a duplicate is billing.
+    same_name = find_instances(target.ec2_client, name=name) if name else []
+    shown = same_name if target.instanceId in {i["InstanceId"] for i in same_name} else [info, *same_name]
+    if len(shown) > 1:
+        print(f"{len(shown)} instances carry the name {name} (there should be one; "
+              "`crimpl destroy` ends all of them, `crimpl terminate --instance-id ID` one):")
+    for instance in shown:
+        print(f"{name or '-'}  {instance['InstanceId']}  {state_of(instance)}  {instance['InstanceType']}  "
+              f"{instance.get('PublicIpAddress') or '-'}")
 
 
 @crimpl_task(name="list")
@@ -232,12 +315,18 @@ def list_(c):
         cost = "?" if r.estimated_cost_usd is None else f"${r.estimated_cost_usd:.2f}"
         print(f"{r.instance_id:21} {r.name:24} {r.state:10} {r.instance_type:12} "
               f"{r.public_ip or '-':16} {r.launch_time:%Y-%m-%d %H:%M:%S}  {cost}")
+    names = [r.name for r in rows if r.name]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        ids = [r.instance_id for r in rows if r.name == name]
+        print(f"warning: {len(ids)} instances carry the name {name} ({', '.join(ids)}); there should be one: "
+              "`crimpl destroy` ends all of them, `crimpl terminate --instance-id ID` one")
 
 
 # -- jobs ------------------------------------------------------------------------
 
 
 @crimpl_task(iterable=["files"], help={
+    "script": "the shell script to run",
     "files": "file or directory to send beside the script (repeat -f)",
     "on-complete": "stop or terminate the server when the script ends",
     "name": "job name (default: time and script name)",
@@ -250,7 +339,8 @@ def submit(c, script, files=None, on_complete=None, name=None, allow_concurrent=
     target = resolve_server(stack, instance_id, server)
     job = target.submit_script(script, files=files or None, job_name=name, on_complete=on_complete,
                                allow_concurrent=allow_concurrent, quiet=quiet)
-    print(f"submitted {job.job_name}: running (`invoke logs {job.job_name} --follow`)")
+    follow = f"{command_name(c)} logs --job {job.job_name} --follow{_server_args(stack, instance_id, server)}"
+    print(f"submitted {job.job_name}: running (`{follow}`)")
 
 
 @crimpl_task
@@ -263,8 +353,8 @@ def jobs(c, stack=None, instance_id=None, server=None):
         print(f"{name:40} {job_status}  started {job_status.started or '-'}  ended {job_status.ended or '-'}")
 
 
-@crimpl_task(help={"job": "job name (default: the latest)",
-                   "follow": "stream until the job ends; exit 1 unless it completed"})
+@crimpl_task(help={"job": "job name (default: the latest); `crimpl logs NAME` works too",
+                   "follow": "stream until the job ends; exit 5 unless it completed"})
 def logs(c, job=None, follow=False, stack=None, instance_id=None, server=None):
     """Print a job's output (stdout and stderr)."""
     found = resolve_server(stack, instance_id, server).get_job(job)
@@ -274,11 +364,11 @@ def logs(c, job=None, follow=False, stack=None, instance_id=None, server=None):
     found.logs(follow=True, stream=sys.stdout)
     final = found.wait(interval=1.0)
     if final.state != "complete":
-        raise Exit(f"crimpl: {found.job_name} {final}", code=1)
+        raise Exit(f"crimpl: {found.job_name} {final}", code=ExitStatus.JOB_FAILED)
     print(f"crimpl: {found.job_name} {final}", file=sys.stderr)
 
 
-@crimpl_task(help={"job": "job name (default: the latest)"})
+@crimpl_task(help={"job": "job name (default: the latest); `crimpl kill NAME` works too"})
 def kill(c, job=None, stack=None, instance_id=None, server=None):
     """End a running job and everything it started."""
     found = resolve_server(stack, instance_id, server).get_job(job)
@@ -288,19 +378,21 @@ def kill(c, job=None, stack=None, instance_id=None, server=None):
         print(f"{found.job_name}: not running ({found.status()})")
 
 
-@crimpl_task(help={
-    "path": "path(s) in the job directory: files, directories or globs; separate several with commas",
-    "dest": "local destination (default: the current folder)",
+@crimpl_task(iterable=["also"], help={
+    "path": "file, directory or glob in the job directory (a trailing / means its contents)",
+    "also": "one more path (repeat); `crimpl fetch A B C` takes them as words too",
+    "dest": "local directory to fetch into, created if missing (default: the current folder)",
     "job": "job name (default: the latest)",
     "quiet": "no progress bars",
 })
-def fetch(c, path, dest=".", job=None, quiet=False, stack=None, instance_id=None, server=None):
-    """Copy a job's outputs here, whole files only."""
-    paths = [p.strip() for p in path.split(",") if p.strip()]
-    report = resolve_server(stack, instance_id, server).check_output(paths, dest, job=job, quiet=quiet)
+def fetch(c, path, also=None, dest=".", job=None, quiet=False, stack=None, instance_id=None, server=None):
+    """Copy a job's outputs into a local directory, whole files only."""
+    folder = dest.rstrip("/") + "/"  # a trailing / makes the destination a directory, always
+    report = resolve_server(stack, instance_id, server).check_output([path, *(also or [])], folder,
+                                                                     job=job, quiet=quiet)
     for replaced in report.replaced:
         print(f"replaced {replaced} (its content differed)", file=sys.stderr)
-    print(f"fetched {len(report.files)} file(s) into {dest}")
+    print(f"fetched {len(report.files)} file(s) into {folder}")
 
 
 @crimpl_task
@@ -316,11 +408,191 @@ def ssh(c, stack=None, instance_id=None, server=None):
         raise Exit(code=code)
 
 
-ns = Collection(up, preview, destroy, refresh, start, stop, terminate, status, list_, submit, jobs,
+# -- a new stack -------------------------------------------------------------------
+
+#: Login keys ``init`` looks for, in this order; the first with its .pub beside it is used.
+KEY_FILES = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
+
+
+@crimpl_task(help={"stack": "name of the new stack (default: dev); `crimpl init NAME` works too"})
+def init(c, stack="dev"):
+    """Write Pulumi.<stack>.yaml here, with your AWS region and SSH key."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", stack) or stack in ("example", "local"):
+        raise ConfigError(f"{stack!r} cannot name a stack: use letters, digits, -, _ and ., "
+                          "not 'example' or 'local'")
+    target = Path(f"Pulumi.{stack}.yaml")
+    region = _default_region()
+    key = next((k for k in KEY_FILES if Path(k + ".pub").expanduser().is_file()), None)
+    text = importlib.resources.files(__package__).joinpath("Pulumi.example.yaml").read_text("utf-8")
+    text = _set_value(text, "aws:region", region)
+    if key:
+        text = _set_value(text, "crimpl:keyFile", key)
+    try:
+        # 0600 like every file crimpl writes: crimpl up adds the (encrypted) host key to it.
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{target} exists: crimpl never overwrites it; edit it, or pick another "
+                          f"stack name (`crimpl init --stack NAME`)") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except BaseException:
+        target.unlink()  # nothing half-written
+        raise
+    print(f"wrote {target}: region {region}, key {key or 'none found'}")
+    if not key:
+        print("no SSH key with its .pub in ~/.ssh: create one with "
+              "`ssh-keygen -t ed25519 -f ~/.ssh/id_ed25519`", file=sys.stderr)
+    print(f"next: `{command_name(c)} up --stack {stack}`")
+
+
+def _default_region():
+    """The region crimpl.ec2 would use (AWS_REGION, else boto3's configured one), else us-east-1."""
+    import boto3
+    import botocore.exceptions
+
+    try:
+        return os.environ.get("AWS_REGION") or boto3.session.Session().region_name or "us-east-1"
+    except botocore.exceptions.ProfileNotFound as exc:
+        raise AWSError(f"{exc}: fix AWS_PROFILE or run `aws configure --profile NAME`") from exc
+
+
+def _set_value(text, key, value):
+    """Set the value of the template's one line ``  key: value``, keeping its comments."""
+    text, count = re.subn(rf"^(\s*{re.escape(key)}:) .*$", lambda m: f"{m.group(1)} {value}", text,
+                          count=1, flags=re.MULTILINE)
+    if not count:
+        raise ConfigError(f"the packaged Pulumi.example.yaml has no {key} line: reinstall crimpl")
+    return text
+
+
+ns = Collection(init, up, preview, destroy, refresh, start, stop, terminate, status, list_, submit, jobs,
                 logs, kill, fetch, ssh)
+ns.configure({"crimpl": {"command": "crimpl"}})
+
+#: The option that takes the words after a task's positional arguments, for the
+#: ``crimpl`` command: ``crimpl logs NAME`` is ``crimpl logs --job NAME``.
+BARE_WORDS = {"init": "stack", "logs": "job", "kill": "job", "fetch": "also"}
+#: Options of the ``crimpl`` command itself, shown by ``crimpl --help``.
+SHOWN_OPTIONS = ("help", "version", "list", "print-completion-script")
 
 
-def main():
+class CrimplProgram(Program):
+    """The ``crimpl`` command: crimpl's tasks and options, none of invoke's own.
+
+    invoke's parser requires every positional argument, so an optional one
+    (``crimpl logs [JOB]``, ``crimpl init [STACK]``) or several paths
+    (``crimpl fetch PATH ...``) are handed to their option (:data:`BARE_WORDS`)
+    before invoke parses.
+    """
+
+    def core_args(self) -> list[Argument]:
+        """crimpl's options; invoke's run/sudo/config options mean nothing here and are left out."""
+        # Program reads these itself while parsing; they are accepted but not shown.
+        internal = [a for a in super().core_args()
+                    if a.name in ("complete", "debug", "write-pyc", "list-format", "list-depth")]
+        return [
+            Argument(names=("help", "h"), optional=True,
+                     help="show this help, or a task's options (crimpl --help TASK)"),
+            Argument(names=("version", "V"), kind=bool, default=False, help="show crimpl's version"),
+            Argument(names=("list", "l"), optional=True, help="list the tasks"),
+            Argument(names=("print-completion-script",), default="",
+                     help="print the tab-completion script for bash, zsh or fish"),
+            *internal,
+        ]
+
+    def update_config(self, merge: bool = True) -> None:
+        """Merge the configuration; crimpl offers none of the run/sudo/timeout options invoke would apply."""
+        if merge:
+            self.config.merge()
+
+    def parse_tasks(self) -> None:
+        """Parse the tasks after giving bare words to their options (see the class docstring)."""
+        self.core.unparsed = self._name_bare_words(self.core.unparsed)
+        super().parse_tasks()
+
+    def _name_bare_words(self, argv):
+        """Return ``argv`` with each bare word a task does not take positionally given to its
+        :data:`BARE_WORDS` option (``logs NAME`` -> ``logs --job NAME``); a task name starts a task."""
+        contexts = {}
+        for context in self.collection.to_contexts():
+            contexts.update(dict.fromkeys([context.name, *context.aliases], context))
+        core_flags = self.initial_context.flags
+        named, context, positionals, wants_value = [], None, 0, False
+        for index, token in enumerate(argv):
+            if token == "--":
+                return named + argv[index:]
+            if wants_value:
+                named.append(token)
+                wants_value = False
+            elif token.startswith("-") and context is not None:
+                named.append(token)
+                wants_value = _wants_value(token, context.flags, core_flags)
+            elif context is not None and positionals:
+                named.append(token)
+                positionals -= 1
+            elif token in contexts:
+                context = contexts[token]
+                positionals = len(context.positional_args)
+                named.append(token)
+            elif context is not None and context.name in BARE_WORDS:
+                named += [f"--{BARE_WORDS[context.name]}", token]
+            else:
+                named.append(token)
+        return named
+
+    def print_help(self) -> None:
+        """Usage, crimpl's own options and the tasks, each with one line."""
+        print(f"Usage: {self.binary} [--help [TASK]] [--version] TASK [OPTIONS]")
+        print("")
+        print("Options:")
+        print("")
+        shown = [a for a in self.core_args() if a.name in SHOWN_OPTIONS]
+        self.print_columns(ParserContext(args=shown).help_tuples())
+        self.list_tasks()
+
+    def print_task_help(self, name: str) -> None:
+        """A task's usage (with its bare words), its docstring and its options."""
+        context = self.parser.contexts[name]
+        words = [a.name.upper() for a in context.positional_args]
+        if context.name in BARE_WORDS:
+            words.append(f"[{BARE_WORDS[context.name].upper()} ...]" if context.name == "fetch"
+                         else f"[{BARE_WORDS[context.name].upper()}]")
+        print(f"Usage: {self.binary} {context.name} {' '.join(words + ['[OPTIONS]'])}")
+        print("")
+        for line in (inspect.getdoc(self.collection[context.name]) or "").splitlines():
+            print(self.leading_indent + line if line.strip() else "")
+        print("")
+        print("Options:")
+        tuples = context.help_tuples()
+        if tuples:
+            self.print_columns(tuples)
+        else:
+            print(self.leading_indent + "none")
+
+
+def _takes_value(name, flag_sets):
+    for flags in flag_sets:
+        if name in flags:  # a Lexicon: `in` and [] know the aliases (-d for --dest), .get does not
+            return flags[name].takes_value and not flags[name].optional
+    return False
+
+
+def _wants_value(token, *flag_sets):
+    """Whether the option ``token`` (``--dest``, ``-d``, ``-qd``) takes the next word as its value."""
+    if "=" in token:
+        return False
+    if token.startswith("--") or len(token) == 2:
+        return _takes_value(token, flag_sets)
+    # -dVALUE carries its value; -qd is a block of flags whose last may take one.
+    return not _takes_value(token[:2], flag_sets) and _takes_value("-" + token[-1], flag_sets)
+
+
+def program() -> CrimplProgram:
+    """The ``crimpl`` command as an invoke Program (tests run it in-process)."""
+    return CrimplProgram(namespace=ns, version=__version__, name="crimpl", binary="crimpl")
+
+
+def main() -> None:
     """Entry point of the ``crimpl`` console script."""
-    program = Program(namespace=ns, version=__version__, name="crimpl", binary="crimpl")
-    program.run()
+    program().run()

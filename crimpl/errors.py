@@ -5,6 +5,29 @@ that says what went wrong and what to do about it; the invoke tasks print that
 line and exit non-zero, and nothing inside the library prints errors itself.
 """
 
+import enum
+
+
+class ExitStatus(enum.IntEnum):
+    """The exit codes of the ``crimpl`` command (and of crimpl's invoke tasks).
+
+    A script can tell the kinds of failure apart; the README lists them.
+    """
+
+    OK = 0
+    #: any other error (a job that cannot be found or submitted, a failed transfer)
+    ERROR = 1
+    #: configuration: stack file, crimpl config, argument, or a missing Pulumi CLI
+    CONFIG = 2
+    #: AWS: EC2 unreachable or refusing, no such instance, or it is in the wrong state
+    AWS = 3
+    #: SSH: the server is unreachable or offered the wrong host key
+    SSH = 4
+    #: the job ran and did not complete (failed or killed)
+    JOB_FAILED = 5
+    #: interrupted with Ctrl-C (128 + SIGINT, as a shell reports it)
+    INTERRUPTED = 130
+
 
 class CrimplError(Exception):
     """Base class of every error crimpl raises on purpose."""
@@ -47,8 +70,25 @@ class SSHNotReadyError(SSHError):
     """SSH did not accept a connection within the readiness timeout."""
 
 
+class ConnectionLostError(SSHError):
+    """The SSH connection dropped while a command ran on the server."""
+
+
 class JobError(CrimplError):
     """A job could not be submitted, found or controlled."""
+
+
+class JobUnreachableError(JobError, SSHError):
+    """A job's server stopped, went away or stayed unreachable while crimpl waited on the job.
+
+    :param last_status: the job's last :class:`~crimpl.jobs.JobStatus` crimpl read, or None.
+    :param server_state: the server's state (``stopped``, ``terminated`` ...) when known.
+    """
+
+    def __init__(self, message, last_status=None, server_state=None):
+        super().__init__(message)
+        self.last_status = last_status
+        self.server_state = server_state
 
 
 class ScriptFailedError(JobError):
