@@ -25,7 +25,7 @@ SANDBOX_DIR = "/tmp/crimpl-sandbox"
 @task
 def test(c):
     """Run the test suite (the command CI runs)."""
-    c.run("python -m pytest -q", pty=False)
+    c.run("python3 -m pytest -q -n auto", pty=False)
 
 
 @task(help={"delay_ms": "added latency each way in ms (0: raw loopback)", "runs": "runs per case"})

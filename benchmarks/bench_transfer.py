@@ -7,9 +7,10 @@ Usage::
 It starts a loopback sshd (tests/sandbox.py) and a latency proxy in front of it
 (benchmarks/latency_proxy.py, ``--delay-ms`` each way), then times each tool
 through the proxy: the system ssh with a generated config (host key pinned,
-StrictHostKeyChecking yes) and crimpl with a fabric Connection (host key pinned,
-RejectPolicy). Every timing includes opening the SSH connection, since both
-crimpl and the command-line tools open one per operation. Medians over
+StrictHostKeyChecking yes) and crimpl with a fabric Connection (host key pinned
+by PinnedHostKeyPolicy: an unknown or changed key is refused). Every timing
+includes opening the SSH connection, since both crimpl and the command-line
+tools open one per operation. Medians over
 ``--runs`` runs; tools alternate within each run so that drift hits them alike.
 
 Scenarios: (1) first upload of 2,000 files of 8 KiB; (2) re-upload with nothing
