@@ -2,9 +2,13 @@
 
 import getpass
 
+import boto3
 import pytest
 
-from sandbox import MotoServer, Sshd, SSHRoutes, instance_addresses, instance_host_key, make_client_key
+from sandbox import (SSH_CIDRS, MotoServer, Sshd, SSHRoutes, instance_addresses, instance_host_key,
+                     make_client_key)
+
+from crimpl.config import AWSEC2_Config
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +40,18 @@ def aws(moto_server, monkeypatch):
     for name, value in moto_server.environ().items():
         monkeypatch.setenv(name, value)
     return moto_server
+
+
+@pytest.fixture
+def ec2(aws):
+    """A plain boto3 client on moto_server, to check what crimpl did."""
+    return boto3.client("ec2")
+
+
+@pytest.fixture
+def config(key_file):
+    """An :class:`AWSEC2_Config` with the test key and SSH open to :data:`SSH_CIDRS` only."""
+    return AWSEC2_Config(KeyFile=str(key_file), ssh_cidrs=SSH_CIDRS)
 
 
 @pytest.fixture

@@ -27,6 +27,11 @@ REGION = "us-east-1"
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
 
+#: The networks test configs open SSH to: a documentation address (RFC 5737), so that
+#: crimpl never has to look up the caller's address.
+SSH_CIDRS = ["203.0.113.7/32"]
+
+
 def free_port():
     """Return a TCP port on 127.0.0.1 that is free now."""
     with socket.socket() as sock:
@@ -186,10 +191,11 @@ class Sshd:
         (an instance's own disk) instead of the login user's home on this machine.
     :param die_with_parent: end sshd when the thread that started it ends (see
         :func:`die_with_parent`).
+    :param env: more variables its sessions get (``SetEnv``), e.g. a login node's ``SLURM_CONF``.
     """
 
     def __init__(self, workdir, host_private_pem, authorized_public, port=None, home=None,
-                 die_with_parent=False):
+                 die_with_parent=False, env=None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -203,6 +209,7 @@ class Sshd:
         self.pid_file = self.workdir / "sshd.pid"
         self.home = Path(home) if home else None
         self.die_with_parent = die_with_parent
+        self.env = dict(env or {})
         self.process = None
 
     def _login_lines(self):
@@ -231,7 +238,8 @@ class Sshd:
             f"HostKey {self.host_key}\n"
             f"AuthorizedKeysFile {self.authorized_keys}\n"
             f"PidFile {self.pid_file}\n"
-            f"SetEnv CRIMPL_HOST_KEY_FILE={self.host_key} CRIMPL_SSHD_PIDFILE={self.pid_file}\n"
+            f"SetEnv CRIMPL_HOST_KEY_FILE={self.host_key} CRIMPL_SSHD_PIDFILE={self.pid_file}"
+            + "".join(f" {name}={value}" for name, value in self.env.items()) + "\n"
             + self._login_lines() +
             "PermitRootLogin prohibit-password\n"
             "PasswordAuthentication no\n"

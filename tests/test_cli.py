@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import boto3
 import pathspec
 import pytest
 from cli_helper import REPO, run_cli, run_invoke
@@ -22,7 +21,6 @@ from crimpl import AWSEC2, AWSEC2_Config, cli, errors
 from crimpl.errors import ExitStatus
 from crimpl.hostkeys import generate_host_key
 
-SSH_CIDRS = ["203.0.113.7/32"]
 LIFECYCLE_TASKS = ["start", "stop", "terminate", "status", "list"]
 INVOKE_OPTIONS = ["--prompt-for-sudo-password", "--pty", "--dry", "--command-timeout", "--echo",
                   "--warn-only", "--hide", "--config", "--search-root", "--collection"]
@@ -73,13 +71,8 @@ def checkout_tasks():
 
 
 @pytest.fixture
-def ec2(aws):
-    return boto3.client("ec2")
-
-
-@pytest.fixture
-def config(key_file):
-    config = AWSEC2_Config(KeyFile=str(key_file), ssh_cidrs=SSH_CIDRS)
+def config(config):
+    """The test config, saved: the CLI finds the only saved config."""
     config.save("default")
     return config
 

@@ -8,8 +8,8 @@ import pytest
 
 import crimpl
 from crimpl import AWSEC2, AWSEC2_Config, ConfigError
+from sandbox import SSH_CIDRS
 
-SSH_CIDRS = ["203.0.113.7/32"]
 
 
 def config_error(**fields):

@@ -24,7 +24,7 @@ import boto3
 import pytest
 import yaml
 from cli_helper import run_cli
-from sandbox import NEWEST_UBUNTU_LTS, CheckIP, LoopbackHTTPServer, free_port, host_key_from_user_data
+from sandbox import SSH_CIDRS, NEWEST_UBUNTU_LTS, CheckIP, LoopbackHTTPServer, free_port, host_key_from_user_data
 
 import crimpl
 from crimpl import (AWSEC2, AWSEC2_Config, AWSError, ConfigError, InstanceNotFoundError,
@@ -36,22 +36,10 @@ from crimpl.hostkeys import public_line_of
 from crimpl.server import destroy_server
 from crimpl.stack import read_stack, spec_for_stack
 
-SSH_CIDRS = ["203.0.113.7/32"]
 LIVE = ["pending", "running", "stopping", "stopped", "shutting-down"]
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def ec2(aws):
-    """A plain boto3 client on moto_server, to check what crimpl did."""
-    return boto3.client("ec2")
-
-
-@pytest.fixture
-def config(key_file):
-    return AWSEC2_Config(KeyFile=str(key_file), ssh_cidrs=SSH_CIDRS)
 
 
 def instances(ec2, **tags):

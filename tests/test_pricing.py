@@ -4,8 +4,8 @@ import pytest
 
 from crimpl import AWSEC2, AWSEC2_Config, ConfigError
 from crimpl import pricing
+from sandbox import SSH_CIDRS
 
-SSH_CIDRS = ["203.0.113.7/32"]
 LARGEST = max(row.vcpus for row in pricing.TABLE.values())
 
 
@@ -17,11 +17,6 @@ def is_burstable(name):
 def eligible(nprocs):
     return [row for row in pricing.TABLE.values()
             if row.vcpus >= nprocs and not is_burstable(row.name)]
-
-
-@pytest.fixture
-def config(key_file):
-    return AWSEC2_Config(KeyFile=str(key_file), ssh_cidrs=SSH_CIDRS)
 
 
 def test_table_rows_are_plausible():
