@@ -29,6 +29,10 @@ RETRY_INTERVAL = 1.0
 CONNECT_TIMEOUT = 10
 #: Seconds between two "waiting for SSH" lines while an instance boots.
 PROGRESS_EVERY = 10.0
+#: The cipher asked for first (the others stay allowed): paramiko's AES-GCM moved
+#: bulk data about 12% faster up and 25% faster down than its default AES-CTR
+#: with HMAC in docs/benchmarks.md.
+PREFERRED_CIPHER = "aes128-gcm@openssh.com"
 
 
 def ssh_config_file(configured: str | None = None) -> str | None:
@@ -119,7 +123,8 @@ def connection(host: str, user: str, key_file, instance_id: str, *, ssh_config: 
         expected = [expected_key]
     else:
         expected = list(expected_key)
-    connect_kwargs = {"key_filename": str(key_file), "look_for_keys": False, "allow_agent": False}
+    connect_kwargs = {"key_filename": str(key_file), "look_for_keys": False, "allow_agent": False,
+                      "transport_factory": _transport}
     if expected:
         # Ask only for the pinned keys' types: a server with several host keys
         # would otherwise offer whichever type paramiko prefers.
@@ -139,6 +144,15 @@ def connection(host: str, user: str, key_file, instance_id: str, *, ssh_config: 
             conn.gateway.client.get_host_keys().add(name, key.get_name(), key)
         conn.gateway.client.set_missing_host_key_policy(KnownHostsPolicy())
     return conn
+
+
+def _transport(sock, **kwargs) -> paramiko.Transport:
+    """A paramiko Transport that offers :data:`PREFERRED_CIPHER` first."""
+    transport = paramiko.Transport(sock, **kwargs)
+    options = transport.get_security_options()
+    if PREFERRED_CIPHER in options.ciphers:
+        options.ciphers = (PREFERRED_CIPHER, *(c for c in options.ciphers if c != PREFERRED_CIPHER))
+    return transport
 
 
 def open_when_ready(connect, timeout: float, interval: float = RETRY_INTERVAL,

@@ -357,3 +357,10 @@ def test_a_replacement_whose_reload_fails_still_verifies_and_completes_later(ser
     assert not hostkeys.same_key(new, old)
     assert server.tags["crimpl:host-key-rotated"] == "true"
     assert [k.get_base64() for k in hostkeys.pinned_keys(server.instanceId)] == [new.get_base64()]
+
+
+def test_the_connection_negotiates_aes128_gcm_with_openssh(server, serve_instance):
+    serve_instance(server.instanceId)
+    with server.session() as conn:
+        transport = conn.client.get_transport()
+        assert (transport.local_cipher, transport.remote_cipher) == (crimpl.ssh.PREFERRED_CIPHER,) * 2
