@@ -27,7 +27,7 @@ from . import pricing
 from ._version import __version__
 from .errors import ConfigError
 from .home import crimpl_home, write_private_file
-from .stackkeys import FIELDS, KEYS, check_ssh_cidrs
+from .stackkeys import FIELDS, KEYS, check_ssh_cidrs, parse_duration
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -51,6 +51,10 @@ class AWSEC2_Config:  # noqa: N801 - the name is the public API users already kn
         values = {**kwargs, "KeyFile": KeyFile}
         for name, key in FIELDS.items():
             setattr(self, name, key.validate(values.get(name)))
+        if self.autostop and self.max_lifetime and \
+                parse_duration("max_lifetime", self.max_lifetime) < parse_duration("autostop", self.autostop):
+            raise ConfigError(f"max_lifetime {self.max_lifetime} is shorter than autostop {self.autostop}: "
+                              "the server would never be idle long enough; lengthen max_lifetime")
 
     def to_dict(self) -> dict[str, Any]:
         """Return the fields that differ from their defaults, as plain JSON values."""
@@ -247,6 +251,7 @@ def build_spec(config: AWSEC2_Config, *, nprocs: int | None = None, server_name:
     :param instance_type: explicit type, overriding both ``nprocs`` and ``config.InstanceType``.
     :param ssh_cidrs: CIDRs allowed to SSH, overriding ``config.ssh_cidrs``.
     """
+    from . import watchdog
     from .hostkeys import cloud_init_user_data, generate_host_key
 
     server_name = server_name or generate_server_name()
@@ -260,15 +265,20 @@ def build_spec(config: AWSEC2_Config, *, nprocs: int | None = None, server_name:
         # Still reject a nonsensical nprocs, but not one beyond the table: the type is the user's choice.
         pricing.check_nprocs(nprocs)
     private, public = host_key or generate_host_key()
+    autostop = parse_duration("autostop", config.autostop) if config.autostop else 0
+    lifetime = parse_duration("max_lifetime", config.max_lifetime) if config.max_lifetime else 0
     cidrs = check_ssh_cidrs("ssh_cidrs", ssh_cidrs) if ssh_cidrs else (config.ssh_cidrs or ())
     return InstanceSpec(
         server_name=server_name,
         instance_type=chosen_type,
         username=config.username,
         volume_size=config.VolumeSize,
-        user_data=cloud_init_user_data(private, public),
+        user_data=cloud_init_user_data(private, public, watchdog.cloud_config(
+            config.username, config.remote_dir, config.shutdown_command, autostop=autostop,
+            lifetime=lifetime, down=config.autostop_down, spot=config.spot)),
         host_public_key=public,
-        tags=crimpl_tags(server_name, public, config.username, config.tags),
+        tags={**crimpl_tags(server_name, public, config.username, config.tags),
+              **watchdog.tags(autostop, lifetime, config.autostop_down)},
         image_id=config.ImageId,
         key_name=config.KeyName,
         public_key=None if config.KeyName else public_key_of(config.KeyFile),
@@ -277,6 +287,8 @@ def build_spec(config: AWSEC2_Config, *, nprocs: int | None = None, server_name:
         ssh_cidrs=cidrs,
         spot=config.spot,
         region=config.region,
+        # What the watchdog's shutdown does; a job's on_complete sets it again for that job.
+        shutdown_behavior="terminate" if config.autostop_down else "stop",
     )
 
 

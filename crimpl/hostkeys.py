@@ -48,11 +48,14 @@ def public_line_of(private_pem: str) -> str:
     ).decode()
 
 
-def cloud_init_user_data(private_pem: str, public_line: str) -> str:
+def cloud_init_user_data(private_pem: str, public_line: str, extra: str = "") -> str:
     """Return ``#cloud-config`` user data that installs the given host key.
 
     ``ssh_genkeytypes: []`` stops cloud-init from generating other host key
     types, so the server can only present the key crimpl pinned.
+
+    :param extra: more cloud-config keys, appended (the watchdog's ``write_files``
+        and ``runcmd``, from :func:`crimpl.watchdog.cloud_config`).
     """
     indented = textwrap.indent(private_pem.strip() + "\n", "    ")
     return (
@@ -63,6 +66,7 @@ def cloud_init_user_data(private_pem: str, public_line: str) -> str:
         "  ed25519_private: |\n"
         f"{indented}"
         f"  ed25519_public: {public_line.strip()}\n"
+        f"{extra}"
     )
 
 

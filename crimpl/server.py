@@ -15,12 +15,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import ec2, hostkeys, pricing, ssh
+from . import cost, ec2, hostkeys, pricing, ssh, watchdog
 from .config import AWSEC2_Config, InstanceSpec, build_spec, resolve_config, saved_config_names
-from .errors import ConfigError, InstanceNotFoundError, InstanceStateError, JobError, SSHError
+from .errors import ConfigError, CrimplError, InstanceNotFoundError, InstanceStateError, JobError, SSHError
 from .home import crimpl_home
+from .stackkeys import parse_duration
 from .jobs import JobsMixin
-from .log import say
+from .log import say, warn
 
 
 class AWSEC2(JobsMixin):
@@ -126,6 +127,7 @@ class AWSEC2(JobsMixin):
     def new(cls, config: AWSEC2_Config | str | None = None, nprocs: int | None = None,
             server_name: str | None = None, *, instance_type: str | None = None, wait: bool = True,
             timeout: float = ec2.DEFAULT_TIMEOUT, ssh_cidrs: list[str] | None = None,
+            autostop: str | None = None, max_lifetime: str | None = None, autostop_down: bool | None = None,
             ec2_client: Any = None) -> AWSEC2:
         """Launch a new instance and return it.
 
@@ -138,8 +140,18 @@ class AWSEC2(JobsMixin):
         :param ssh_cidrs: networks allowed to SSH when crimpl creates the
             security group (default: the config's, else this machine's address /32).
         :param wait: wait until the instance is running.
+        :param autostop: stop the server once it has been idle this long (``"30m"``);
+            default: the config's ``autostop`` (unset: never).
+        :param max_lifetime: stop it this long after launch however busy it is (``"12h"``);
+            default: the config's ``max_lifetime``.
+        :param autostop_down: the two above terminate instead of stopping.
         """
         config = resolve_config(config)
+        overrides = {name: value for name, value in (
+            ("autostop", autostop), ("max_lifetime", max_lifetime), ("autostop_down", autostop_down),
+        ) if value is not None}
+        if overrides:
+            config = AWSEC2_Config(**{**config.to_dict(), **overrides})
         spec = build_spec(config, nprocs=nprocs, server_name=server_name,
                           instance_type=instance_type, ssh_cidrs=ssh_cidrs)
         client = ec2_client or ec2.client(config.region)
@@ -186,6 +198,8 @@ class AWSEC2(JobsMixin):
         if launched:
             # Pin the host key before anything can connect: the first connection is already verified.
             hostkeys.pin(instance["InstanceId"], spec.host_public_key)
+            cost.record(instance["InstanceId"], "launched", name=spec.server_name,
+                        instance_type=spec.instance_type, volume_gib=spec.volume_size, spot=spec.spot)
         if wait:
             try:
                 ec2.wait_for_state(client, instance["InstanceId"], "running", timeout=timeout)
@@ -217,6 +231,7 @@ class AWSEC2(JobsMixin):
             ec2.wait_for_state(self.ec2_client, self.instanceId, "stopped", timeout=timeout)
         if state not in ("running", "pending"):
             ec2.start(self.ec2_client, self.instanceId)
+            cost.record(self.instanceId, "started")
         if wait:
             ec2.wait_for_state(self.ec2_client, self.instanceId, "running", timeout=timeout)
         return self
@@ -232,6 +247,7 @@ class AWSEC2(JobsMixin):
                                      self.instanceId, state)
         if state not in ("stopped", "stopping"):
             ec2.stop(self.ec2_client, self.instanceId)
+            cost.record(self.instanceId, "stopped")
         if wait:
             ec2.wait_for_state(self.ec2_client, self.instanceId, "stopped", timeout=timeout)
         return self
@@ -246,6 +262,7 @@ class AWSEC2(JobsMixin):
         name = self.server_name
         if self.state != "terminated":
             ec2.terminate(self.ec2_client, self.instanceId)
+            cost.record(self.instanceId, "terminated")
         if wait:
             ec2.wait_for_state(self.ec2_client, self.instanceId, "terminated", timeout=timeout)
             # A duplicate of the name may still use the security group: the last one removes it.
@@ -295,13 +312,14 @@ class AWSEC2(JobsMixin):
         return self._describe()
 
     @contextlib.contextmanager
-    def session(self, start=True):
+    def session(self, start=True, timeout=None):
         """Yield one open SSH connection, used for every command and transfer in the block.
 
         :param start: start the instance first if it is stopped (and say so).
+        :param timeout: seconds to wait for SSH (default: the config's ``ssh_timeout``).
         """
         tags = self.tags
-        conn = ssh.open_when_ready(lambda: self.connection(start=start), timeout=self.config.ssh_timeout,
+        conn = ssh.open_when_ready(lambda: self.connection(start=start), timeout=timeout or self.config.ssh_timeout,
                                    label=f"{tags.get(ec2.NAME_TAG)} ({self.instanceId})")
         try:
             hostkeys.rotate(conn, self.instanceId, tags,
@@ -321,6 +339,83 @@ class AWSEC2(JobsMixin):
     def _prepare_on_complete(self, on_complete):
         # The wrapper only shuts the machine down; this attribute decides stop or terminate.
         ec2.set_shutdown_behavior(self.ec2_client, self.instanceId, on_complete)
+
+    # -- the watchdog on the instance ---------------------------------------------
+
+    def set_autostop(self, autostop: str | None, down: bool = False, *,
+                     tick: float = watchdog.DEFAULT_TICK, imds_url: str = watchdog.DEFAULT_IMDS,
+                     spot_tick: float = watchdog.DEFAULT_SPOT_TICK) -> str:
+        """Install or update the watchdog over SSH: stop the server once idle ``autostop``.
+
+        The lifetime limit set at launch is kept. See :mod:`crimpl.watchdog` for what
+        counts as idle and what runs on the server.
+
+        :param autostop: a duration (``"30m"``), or None / ``"off"`` to switch autostop off.
+        :param down: terminate instead of stopping (sets the instance's shutdown behaviour).
+        :param tick: seconds between two looks of the watchdog.
+        :param imds_url: the metadata service a spot server's watchdog asks for a spot notice.
+        :param spot_tick: seconds between two of those questions.
+        :returns: ``systemd`` (it restarts after every boot) or ``detached`` (a server
+            launched before crimpl installed the watchdog: it runs until the next reboot).
+        :raises ConfigError: for a duration that is not one.
+        """
+        seconds = 0 if autostop in (None, "off") else parse_duration("autostop", autostop)
+        ec2.set_shutdown_behavior(self.ec2_client, self.instanceId, "terminate" if down else "stop")
+        with self.session() as conn:
+            how = watchdog.install(conn, self.job_root, seconds, self.shutdown_command, down=down, tick=tick,
+                                   spot=self.spot, imds_url=imds_url, spot_tick=spot_tick)
+        ec2.set_tags(self.ec2_client, self.instanceId, {watchdog.AUTOSTOP_TAG: watchdog.tag_value(seconds, down)})
+        return how
+
+    @property
+    def spot(self) -> bool:
+        """Is this a spot instance?"""
+        return self._describe().get("InstanceLifecycle") == "spot"
+
+    def _relaunch_after_preemption(self) -> bool:
+        """Start this server again if it is a spot instance its preemption stopped; True if it did.
+
+        EC2 may refuse: the Spot service itself restarts an interrupted instance once it has
+        capacity. Then this says so and returns False (the wait ends saying the server stopped).
+        """
+        if self.state not in ("stopping", "stopped") or not self.spot:
+            return False
+        try:
+            self.start()
+        except CrimplError as exc:
+            warn(f"{self} was stopped by a spot interruption and could not be started again ({exc}); "
+                 "EC2 restarts it when it has capacity: look at the job again then")
+            return False
+        return True
+
+    def watchdog_status(self, timeout: float | None = None) -> watchdog.WatchdogStatus | None:
+        """Return what the watchdog on the server last reported (None: it never ran there).
+
+        :param timeout: seconds to wait for SSH (default: the config's ``ssh_timeout``).
+        :raises InstanceStateError: if the server is not running.
+        """
+        with self.session(start=False, timeout=timeout) as conn:
+            return watchdog.read_status(conn, self.job_root)
+
+    def watchdog_summary(self, timeout: float = 10.0) -> str | None:
+        """Return one line on autostop and the lifetime limit, or None when neither was ever set.
+
+        The settings are in the instance's tags; the time left comes from the watchdog over SSH,
+        and is said to be unknown when the server cannot be reached within ``timeout`` seconds.
+        """
+        instance = self._describe()
+        tags = ec2.tags_of(instance)
+        if watchdog.AUTOSTOP_TAG not in tags and watchdog.LIFETIME_TAG not in tags:
+            return None
+        setting = ", ".join(f"{name} {tags[tag]}" for name, tag in (
+            ("autostop", watchdog.AUTOSTOP_TAG), ("max lifetime", watchdog.LIFETIME_TAG)) if tag in tags)
+        if ec2.state_of(instance) != "running":
+            return setting
+        try:
+            status = self.watchdog_status(timeout=timeout)
+        except CrimplError as exc:
+            return f"{setting} (time left unknown: {exc})"
+        return str(status) if status else f"{setting} (the watchdog has not reported yet)"
 
 
 class Local(JobsMixin):
@@ -472,6 +567,8 @@ def destroy_server(server_name: str, *, region: str | None = None, ec2_client: A
     ending = [i["InstanceId"] for i in known if ec2.state_of(i) in ec2.LIVE_STATES]
     if ending:
         ec2.terminate(client, *ending)
+        for instance_id in ending:
+            cost.record(instance_id, "terminated")
     for instance_id in alive:
         ec2.wait_for_state(client, instance_id, "terminated", timeout=timeout)
     report.terminated = alive

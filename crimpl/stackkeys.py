@@ -23,6 +23,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,6 +122,31 @@ def _positive_seconds(name, value):
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{name} must be a positive, finite number of seconds, got {value}")
     return value
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
+
+
+def parse_duration(name: str, value: object) -> int:
+    """Return the seconds of a duration such as ``90s``, ``30m``, ``12h`` or ``2d``.
+
+    :param name: what errors name (``autostop``, ``crimpl:maxLifetime``).
+    :raises ConfigError: for anything else: no unit, zero, negative or not a number.
+    """
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ConfigError(f"{name} must be a duration such as 30m, 12h or 2d (s, m, h, d), got {value!r}")
+    seconds = int(match.group(1)) * _UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ConfigError(f"{name} must be longer than 0, got {value!r}: use off to switch it off")
+    return seconds
+
+
+def _duration(name, value):
+    """The stack-key check of a duration: return ``value`` without spaces once it parses."""
+    parse_duration(name, value)
+    return "".join(value.split())
 
 
 def _image_id(name, value):
@@ -231,6 +257,12 @@ _KEYS = [
              "use_private_ip"),
     StackKey("sshTimeout", "seconds to wait for SSH after a start", (int, float), DEFAULT_SSH_TIMEOUT,
              "ssh_timeout", _positive_seconds),
+    StackKey("autostop", "stop the server once it has been idle this long (30m, 2h; the watchdog on "
+             "the server decides); unset: never", field="autostop", check=_duration),
+    StackKey("autostopDown", "autostop and maxLifetime terminate the server instead of stopping it",
+             (bool,), False, "autostop_down"),
+    StackKey("maxLifetime", "stop the server this long after launch however busy it is (12h, 2d); "
+             "unset: no limit", field="max_lifetime", check=_duration),
     StackKey("shutdownCommand", "what a job runs for on_complete", default="sudo shutdown -h now",
              field="shutdown_command"),
     StackKey("remoteDir", "crimpl's folder on the server, relative to home", default="crimpl",

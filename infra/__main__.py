@@ -19,7 +19,7 @@ from crimpl.config import (
     stack_server_name,
 )
 from crimpl.errors import ConfigError
-from crimpl import hostkeys
+from crimpl import hostkeys, watchdog
 from crimpl.hostkeys import public_line_of
 from crimpl.stackkeys import kind_of
 
@@ -172,9 +172,10 @@ instance = aws.ec2.Instance(
     # A looked-up image changes with every Canonical build; that must not replace the server.
     # crimpl replaces the user-data host key after the first connection and records the new
     # one in these tags (crimpl.hostkeys.rotate): `up` after a refresh must not put the old back.
+    # `crimpl autostop` changes the watchdog on the server and records it in its tag, likewise.
     opts=pulumi.ResourceOptions(ignore_changes=([] if spec.image_id else ["ami"]) + [
         f'{prop}["{tag}"]' for prop in ("tags", "tagsAll")
-        for tag in (hostkeys.HOST_KEY_TAG, hostkeys.ROTATED_TAG)
+        for tag in (hostkeys.HOST_KEY_TAG, hostkeys.ROTATED_TAG, watchdog.AUTOSTOP_TAG)
     ]),
 )
 

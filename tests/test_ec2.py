@@ -1077,3 +1077,50 @@ def test_wait_with_a_timeout_that_never_ends_is_refused(ec2, config, timeout):
 
     with pytest.raises(ConfigError, match="timeout must be a positive, finite number"):
         server.stop(timeout=timeout)
+
+
+# -- autostop and lifetime at launch ---------------------------------------------------------
+
+
+def test_new_with_autostop_and_lifetime_puts_the_watchdog_in_the_user_data(ec2, config):
+    server = AWSEC2.new(config=config, nprocs=2, server_name="guarded", autostop="30m", max_lifetime="12h",
+                        autostop_down=True)
+    data = yaml.safe_load(user_data_of(ec2, server.instanceId))
+    files = {f["path"]: f["content"] for f in data["write_files"]}
+    assert "AUTOSTOP=1800\n" in files["/home/ubuntu/crimpl/watchdog/autostop.conf"]
+    assert files["/home/ubuntu/crimpl/watchdog/lifetime.conf"] == "LIFETIME=43200\n"
+    attr = ec2.describe_instance_attribute(InstanceId=server.instanceId,
+                                           Attribute="instanceInitiatedShutdownBehavior")
+    assert attr["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
+    assert server.tags["crimpl:autostop"] == "30m (terminate)"
+    assert server.tags["crimpl:max-lifetime"] == "12h (terminate)"
+
+
+def test_new_without_autostop_installs_an_idle_watchdog_and_no_tags(ec2, config):
+    server = AWSEC2.new(config=config, nprocs=2, server_name="plain")
+    files = {f["path"]: f["content"]
+             for f in yaml.safe_load(user_data_of(ec2, server.instanceId))["write_files"]}
+    assert "AUTOSTOP=0\n" in files["/home/ubuntu/crimpl/watchdog/autostop.conf"]
+    assert files["/home/ubuntu/crimpl/watchdog/lifetime.conf"] == "LIFETIME=0\n"
+    assert "crimpl:autostop" not in server.tags
+    assert server.watchdog_summary() is None
+
+
+def test_new_refuses_a_lifetime_shorter_than_autostop_before_launching(ec2, config):
+    with pytest.raises(ConfigError, match="max_lifetime 10m is shorter than autostop 1h"):
+        AWSEC2.new(config=config, nprocs=2, server_name="never", autostop="1h", max_lifetime="10m")
+    assert instances(ec2) == []
+
+
+def test_spot_config_launches_a_persistent_spot_instance_that_stops_on_interruption(ec2, key_file):
+    config = AWSEC2_Config(KeyFile=str(key_file), ssh_cidrs=SSH_CIDRS, spot=True)
+    spec = build_spec(config, nprocs=2, server_name="spotty")
+    params = crimpl_ec2.run_instances_params(spec, "ami-0123456789abcdef0", "k", ["sg-1"])
+    assert params["InstanceMarketOptions"] == {
+        "MarketType": "spot",
+        "SpotOptions": {"SpotInstanceType": "persistent", "InstanceInterruptionBehavior": "stop"}}
+    server = AWSEC2.new(config=config, nprocs=2, server_name="spotty")
+    assert server.describe().get("InstanceLifecycle") == "spot"
+    on_demand = AWSEC2.new(config=AWSEC2_Config(KeyFile=str(key_file), ssh_cidrs=SSH_CIDRS), nprocs=2,
+                           server_name="steady")
+    assert on_demand.describe().get("InstanceLifecycle") is None

@@ -206,8 +206,10 @@ def test_image_is_the_newest_canonical_ubuntu_lts(program, base):
 
 #: crimpl replaces the user-data host key after the first connection and records the new key
 #: in these tags; `pulumi up` after a refresh must not put the user-data key back.
-REPLACED_HOST_KEY_TAGS = ['tags["crimpl:host-key"]', 'tags["crimpl:host-key-rotated"]',
-                          'tagsAll["crimpl:host-key"]', 'tagsAll["crimpl:host-key-rotated"]']
+#: `crimpl autostop` likewise records the watchdog it installed in a tag.
+REPLACED_HOST_KEY_TAGS = ['tags["crimpl:host-key"]', 'tags["crimpl:host-key-rotated"]', 'tags["crimpl:autostop"]',
+                          'tagsAll["crimpl:host-key"]', 'tagsAll["crimpl:host-key-rotated"]',
+                          'tagsAll["crimpl:autostop"]']
 
 
 def canonical_server_images(images):
@@ -490,6 +492,10 @@ PARITY_STACKS = {
         "crimpl:tags": {"team": "physics"}, "crimpl:subnetId": "subnet-0123456789abcdef0",
         "crimpl:sshCidrs": ["203.0.113.0/24", "192.0.2.15/32", "2001:db8:7::/48"], "crimpl:serverName": "big-run",
     },
+    "autostop-lifetime-terminate": {
+        "crimpl:nprocs": 2, "crimpl:sshCidrs": [CALLER], "crimpl:autostop": "30m", "crimpl:maxLifetime": "12h",
+        "crimpl:autostopDown": True, "crimpl:remoteDir": "work/crimpl",
+    },
     "existing-everything": {
         "crimpl:instanceType": "c7i.2xlarge", "crimpl:keyName": "team-key",
         "crimpl:securityGroupId": "sg-0fedcba987654321f", "crimpl:imageId": "ami-0123456789abcdef0",
@@ -541,3 +547,23 @@ def test_security_group_matches_the_one_the_boto3_path_creates(program, key_file
     [permission] = created["IpPermissions"]
     assert pulumi_permission(group["ingress"]) == {
         key: permission[key] for key in ("IpProtocol", "FromPort", "ToPort", "IpRanges", "Ipv6Ranges")}
+
+
+def test_autostop_and_lifetime_are_in_the_user_data_tags_and_shutdown_behaviour(program, base):
+    inputs = program({**base, "crimpl:autostop": "45m", "crimpl:maxLifetime": "1d",
+                      "crimpl:autostopDown": True}).one(INSTANCE)
+    user_data = yaml.safe_load(unsecret(inputs["userData"]))
+    files = {f["path"]: f["content"] for f in user_data["write_files"]}
+    assert "AUTOSTOP=2700\n" in files["/home/ubuntu/crimpl/watchdog/autostop.conf"]
+    assert files["/home/ubuntu/crimpl/watchdog/lifetime.conf"] == "LIFETIME=86400\n"
+    assert inputs["tags"]["crimpl:autostop"] == "45m (terminate)"
+    assert inputs["tags"]["crimpl:max-lifetime"] == "1d (terminate)"
+    assert inputs["instanceInitiatedShutdownBehavior"] == "terminate"
+
+
+@pytest.mark.parametrize("key, value", [("crimpl:autostop", "0"), ("crimpl:autostop", "-5m"),
+                                        ("crimpl:maxLifetime", "abc")])
+def test_a_bad_duration_stops_the_program_with_one_line(program, base, key, value):
+    with pytest.raises(pulumi.RunError, match=f"{key} must be a duration") as caught:
+        program({**base, key: value})
+    assert "\n" not in str(caught.value).strip()
