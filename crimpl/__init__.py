@@ -15,6 +15,7 @@ Nothing here imports pulumi or creates an AWS client at import time.
 
 from ._version import __version__
 from .config import AWSEC2_Config, saved_config_names
+from .cost import CostReport, ServerCost, cost_report
 from .errors import (
     AWSError,
     ConfigError,
@@ -36,15 +37,19 @@ from .errors import (
 from .jobs import Job, JobStatus
 from .log import install_default_handler
 from .server import AWSEC2, InstanceInfo, Local, list_instances, terminate_all
+from .slurm import RemoteSlurmServer
+from .sshhost import RemoteThreadServer, list_servers, load_server
 
 install_default_handler()
 
 __all__ = [
-    "AWSEC2", "AWSEC2_Config", "AWSError", "ConfigError", "ConnectionLostError", "CrimplError",
+    "AWSEC2", "AWSEC2_Config", "AWSError", "ConfigError", "ConnectionLostError", "CostReport", "CrimplError",
     "ExitStatus", "HostKeyMismatchError",
     "InstanceInfo", "InstanceNotFoundError", "InstanceStateError", "Job", "JobError", "JobStatus",
     "JobUnreachableError",
-    "Local", "PulumiNotInstalledError", "SSHError", "SSHNotReadyError", "ScriptFailedError",
-    "StackError", "TransferError", "__version__", "list_instances", "saved_config_names",
+    "Local", "PulumiNotInstalledError", "RemoteSlurmServer", "RemoteThreadServer", "SSHError",
+    "SSHNotReadyError", "ScriptFailedError",
+    "StackError", "TransferError", "ServerCost", "__version__", "cost_report", "list_instances",
+    "list_servers", "load_server", "saved_config_names",
     "terminate_all",
 ]

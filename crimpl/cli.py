@@ -5,9 +5,10 @@ Each task parses its arguments, calls the crimpl API and prints the result. A
 of its kind (:class:`~crimpl.errors.ExitStatus`), without a traceback; nothing
 else in crimpl prints errors.
 
-Which server a task acts on: ``--instance-id``, else ``--server`` (a
-``crimpl:name``), else ``--stack`` (``local`` for this machine), else
-``$CRIMPL_STACK``, else the only ``Pulumi.<stack>.yaml`` in the current folder.
+Which server a task acts on: ``--instance-id``, else ``--server`` (a remote
+server saved by that name, else a ``crimpl:name``), else ``--stack`` (``local``
+for this machine), else ``$CRIMPL_STACK``, else the only ``Pulumi.<stack>.yaml``
+in the current folder.
 """
 
 import functools
@@ -29,7 +30,7 @@ from .errors import (AWSError, ConfigError, CrimplError, ExitStatus, InstanceNot
 SERVER_HELP = {
     "stack": "stack name (Pulumi.<stack>.yaml), or 'local' for this machine",
     "instance-id": "EC2 instance id, instead of a stack",
-    "server": "server name (crimpl:name tag), instead of a stack",
+    "server": "saved SSH or Slurm server, or EC2 server name (crimpl:name tag), instead of a stack",
 }
 
 #: The exit status of each kind of error: the first that matches; any other is ERROR.
@@ -129,7 +130,10 @@ def resolve_server(stack=None, instance_id=None, server=None):
     if instance_id:
         return AWSEC2(instance_id)
     if server:
-        return AWSEC2(server_name=server)
+        from .sshhost import list_servers, load_server
+
+        # A remote server saved under the name wins; an EC2 server's name is looked up in AWS.
+        return load_server(server) if server in list_servers() else AWSEC2(server_name=server)
     if (stack or os.environ.get("CRIMPL_STACK")) == "local":
         return Local()
     settings = _stack_settings(stack)
@@ -283,6 +287,9 @@ def terminate(c, stack=None, instance_id=None, server=None, yes=False):
 def status(c, stack=None, instance_id=None, server=None):
     """Show the server's name, id, state, type and IP (no SSH needed)."""
     target = resolve_server(stack, instance_id, server)
+    if target.instanceId is None:  # a remote server crimpl does not manage: only its jobs to show
+        print(f"{server}: {target.host}, jobs in {target.job_root}; latest job: {target.job_status}")
+        return
     if target.instanceId == "local":
         print(f"local: jobs in {target.job_root}; latest job: {target.job_status}")
         return
@@ -299,20 +306,87 @@ def status(c, stack=None, instance_id=None, server=None):
     for instance in shown:
         print(f"{name or '-'}  {instance['InstanceId']}  {state_of(instance)}  {instance['InstanceType']}  "
               f"{instance.get('PublicIpAddress') or '-'}")
+    from .cost import costs_so_far
+
+    spent = costs_so_far(ec2_client=target.ec2_client).get(target.instanceId)
+    if spent:
+        print(spent)
+    watchdog = target.watchdog_summary()
+    if watchdog:
+        print(watchdog)
+
+
+@crimpl_task(help={"days": "how far back to look (default 90)"})
+def cost(c, days=90):
+    """Estimate what each server has cost (terminated ones too)."""
+    from .cost import cost_report
+
+    report = cost_report(days=int(days))
+    if not report.servers:
+        print(f"no crimpl servers in the last {days} days")
+    for row in report.servers:
+        compute = "?" if row.compute_usd is None else f"${row.compute_usd:.2f}"
+        storage = "?" if row.storage_usd is None else f"${row.storage_usd:.2f}"
+        print(f"{row.name or '-'}  {row.instance_id}  {row.state}  {row.instance_type}{' spot' if row.spot else ''}  "
+              f"{row.running_hours:.1f} h {compute} + {row.volume_gib or '?'} GiB x {row.volume_months:.2f} months "
+              f"{storage} = ${row.total_usd:.2f}  (from {row.how})")
+    print(f"total ${report.total_usd:.2f}: an estimate, not a bill (prices of {report.prices_as_of}, "
+          f"{report.prices_region} on-demand; spot from EC2's price history)")
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+@crimpl_task(help={"refresh": "download AWS's public price file for EC2 and use its prices",
+                   "region": "the region whose prices --refresh downloads (default us-east-1)"})
+def prices(c, refresh=False, region=None):
+    """Show the price table's date; --refresh downloads AWS's."""
+    from . import pricing
+
+    table = pricing.refresh(region or pricing.PRICES_REGION) if refresh else pricing.price_table()
+    print(f"prices of {table.as_of}, {table.region} on-demand, {len(table.usd_per_hour)} instance types, "
+          f"gp3 ${table.gp3_usd_per_gib_month:g}/GiB-month (from {table.source})")
+
+
+@crimpl_task(help={"duration": "idle time before the server stops (30m, 2h) or off",
+                   "down": "terminate the server instead of stopping it"})
+def autostop(c, duration, down=False, stack=None, instance_id=None, server=None):
+    """Stop the server once idle for DURATION (--down: terminate; off)."""
+    target = resolve_server(stack, instance_id, server)
+    if target.instanceId in (None, "local"):
+        raise ConfigError("autostop needs an EC2 server: it shuts the server down from inside")
+    how = target.set_autostop(duration, down=down)
+    print(f"{target.instanceId}: {target.watchdog_summary() or 'autostop ' + duration}")
+    if how == "detached":
+        print(f"{target.instanceId}: launched before crimpl installed the watchdog: it runs until the next "
+              "reboot; `crimpl autostop` again after a start", file=sys.stderr)
 
 
 @crimpl_task(name="list")
 def list_(c):
-    """List crimpl servers not yet terminated, with estimated cost."""
+    """List EC2 servers with estimated cost, and saved remote servers."""
     from .server import list_instances
+    from .sshhost import list_servers, load_server
 
+    names = list_servers()
+    if names:
+        print(f"{'SAVED SERVER':24} {'KIND':6} HOST:DIRECTORY")
+    for name in names:
+        try:
+            saved = load_server(name)
+        except ConfigError as exc:
+            print(f"{name:24} unreadable: {exc}")
+            continue
+        print(f"{name:24} {saved.kind:6} {saved.host}:{saved.directory}")
     rows = list_instances()
     if not rows:
         print("no crimpl servers (nothing is billing)")
         return
-    print(f"{'ID':21} {'NAME':24} {'STATE':10} {'TYPE':12} {'IP':16} {'LAUNCHED':20} EST. COST")
+    from .cost import costs_so_far
+
+    so_far = costs_so_far()
+    print(f"{'ID':21} {'NAME':24} {'STATE':10} {'TYPE':12} {'IP':16} {'LAUNCHED':20} COST SO FAR")
     for r in rows:
-        cost = "?" if r.estimated_cost_usd is None else f"${r.estimated_cost_usd:.2f}"
+        cost = so_far[r.instance_id].so_far if r.instance_id in so_far else "?"
         print(f"{r.instance_id:21} {r.name:24} {r.state:10} {r.instance_type:12} "
               f"{r.public_ip or '-':16} {r.launch_time:%Y-%m-%d %H:%M:%S}  {cost}")
     names = [r.name for r in rows if r.name]
@@ -332,13 +406,16 @@ def list_(c):
     "name": "job name (default: time and script name)",
     "allow-concurrent": "start even if another job is running",
     "quiet": "no progress bars",
+    "retry-on-preemption": "start the job again up to N times when a spot preemption ends it",
 })
 def submit(c, script, files=None, on_complete=None, name=None, allow_concurrent=False, quiet=False,
-           stack=None, instance_id=None, server=None):
+           stack=None, instance_id=None, server=None, retry_on_preemption=0):
     """Send SCRIPT and its files to the server and start it detached."""
     target = resolve_server(stack, instance_id, server)
     job = target.submit_script(script, files=files or None, job_name=name, on_complete=on_complete,
-                               allow_concurrent=allow_concurrent, quiet=quiet)
+                               allow_concurrent=allow_concurrent, quiet=quiet,
+                               # Only where asked: a scheduler's kind (Slurm) has no spot notice.
+                               **({"retry_on_preemption": retry_on_preemption} if retry_on_preemption else {}))
     follow = f"{command_name(c)} logs --job {job.job_name} --follow{_server_args(stack, instance_id, server)}"
     print(f"submitted {job.job_name}: running (`{follow}`)")
 
@@ -376,6 +453,18 @@ def kill(c, job=None, stack=None, instance_id=None, server=None):
         print(f"{found.job_name}: killed")
     else:
         print(f"{found.job_name}: not running ({found.status()})")
+
+
+@crimpl_task(help={"older-than": "remove jobs that ended at least this many days ago (default 7)",
+                   "dry-run": "list what would be removed, remove nothing"})
+def clean(c, older_than=7, dry_run=False, stack=None, instance_id=None, server=None):
+    """Remove old finished jobs and the stored inputs no job uses."""
+    report = resolve_server(stack, instance_id, server).clean(older_than, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for name in report.jobs:
+        print(f"{verb} job {name}")
+    print(f"{verb} {len(report.jobs)} job(s) and {len(report.objects)} stored input(s), "
+          f"{report.bytes / 2**20:.1f} MiB")
 
 
 @crimpl_task(iterable=["also"], help={
@@ -466,8 +555,8 @@ def _set_value(text, key, value):
     return text
 
 
-ns = Collection(init, up, preview, destroy, refresh, start, stop, terminate, status, list_, submit, jobs,
-                logs, kill, fetch, ssh)
+ns = Collection(init, up, preview, destroy, refresh, start, stop, terminate, status, autostop, cost, prices,
+                list_, submit, jobs, logs, kill, clean, fetch, ssh)
 ns.configure({"crimpl": {"command": "crimpl"}})
 
 #: The option that takes the words after a task's positional arguments, for the

@@ -97,3 +97,87 @@ def serve_instance(aws, key_file, ssh_routes, tmp_path):
 def login_user():
     """The local user the test sshd lets in (the instance's login user in tests)."""
     return getpass.getuser()
+
+
+class SSHHost:
+    """An SSH host as a user has one: an sshd on loopback, an OpenSSH config that names it
+    ``workstation`` (HostName, Port, User, IdentityFile, UserKnownHostsFile) and a known_hosts
+    file that holds its key. Nothing here touches the real ``~/.ssh``.
+    """
+
+    alias = "workstation"
+
+    def __init__(self, tmp_path, key_file, env=None):
+        from crimpl.hostkeys import generate_host_key
+
+        self.dir = tmp_path / "ssh-host"
+        self.key_file = key_file
+        self.host_private, self.host_public = generate_host_key()
+        self.home = self.dir / "home"
+        self.sshd = Sshd(self.dir / "sshd", self.host_private, key_file.with_suffix(".pub").read_text(),
+                         home=self.home, env=env)
+        self.known_hosts = self.dir / "known_hosts"
+        self.config = self.dir / "ssh_config"
+        self.user = getpass.getuser()
+        self.write_config()
+        self.trust(self.host_public)
+
+    @property
+    def key_name(self):
+        """The name OpenSSH files the host's key under in known_hosts."""
+        return f"[127.0.0.1]:{self.sshd.port}"
+
+    def trust(self, public_line):
+        """Make ``public_line`` the only key known_hosts holds for the host ("": no known_hosts)."""
+        if public_line:
+            self.known_hosts.write_text(f"{self.key_name} {public_line}\n")
+        else:
+            self.known_hosts.unlink(missing_ok=True)
+
+    def write_config(self, extra=""):
+        closed = SSHRoutes(self.dir / "unused_routes").closed_port
+        self.config.write_text(
+            f"Host {self.alias}\n  HostName 127.0.0.1\n  Port {self.sshd.port}\n  User {self.user}\n"
+            f"{extra}"
+            f"Host *\n  HostName 127.0.0.1\n  Port {closed}\n"
+            f"  IdentityFile {self.key_file}\n  UserKnownHostsFile {self.known_hosts}\n"
+        )
+
+
+@pytest.fixture
+def ssh_host(tmp_path, key_file, monkeypatch):
+    """A started :class:`SSHHost`; ``CRIMPL_SSH_CONFIG`` names its OpenSSH config and ``HOME`` is
+    a temporary folder, so the user's real ``~/.ssh`` is never read or written."""
+    host = SSHHost(tmp_path, key_file)
+    monkeypatch.setenv("CRIMPL_SSH_CONFIG", str(host.config))
+    monkeypatch.setenv("HOME", str(tmp_path / "user-home"))
+    host.sshd.start()
+    yield host
+    host.sshd.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real one-node Slurm (tests/slurm_cluster.py) for the whole session; it fails, never
+    skips, when Slurm is not installed."""
+    from slurm_cluster import SlurmCluster
+
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except BaseException:
+        cluster.stop()
+        raise
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def slurm_host(slurm_cluster, tmp_path, key_file, monkeypatch):
+    """The cluster's login node: an :class:`SSHHost` whose sessions see the cluster's ``SLURM_CONF``."""
+    host = SSHHost(tmp_path, key_file, env=slurm_cluster.env)
+    monkeypatch.setenv("CRIMPL_SSH_CONFIG", str(host.config))
+    monkeypatch.setenv("HOME", str(tmp_path / "user-home"))
+    host.sshd.start()
+    yield host
+    host.sshd.stop()

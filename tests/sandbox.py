@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -30,6 +31,49 @@ SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 #: The networks test configs open SSH to: a documentation address (RFC 5737), so that
 #: crimpl never has to look up the caller's address.
 SSH_CIDRS = ["203.0.113.7/32"]
+
+
+def session_pids(listener_pid):
+    """Every process below the sshd listener: the per-connection sshd, its shell, tar."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [listener_pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_sessions(sshd):
+    """SIGKILL every process of the sshd's open connections (the listener stays)."""
+    for pid in session_pids(sshd.process.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+class Background:
+    """Run ``call`` in a thread; ``done``, ``result`` and ``error`` tell how it went."""
+
+    def __init__(self, call):
+        self.done, self.result, self.error = False, None, None
+
+        def body():
+            try:
+                self.result = call()
+            except Exception as exc:  # noqa: BLE001 - the test looks at it
+                self.error = exc
+            finally:
+                self.done = True
+
+        threading.Thread(target=body, daemon=True).start()
 
 
 def free_port():

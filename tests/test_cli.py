@@ -539,8 +539,9 @@ def test_status_by_instance_id_shows_name_state_type_and_address(aws, config, tm
     result = run_cli("status", "--instance-id", server.instanceId, cwd=tmp_path)
 
     assert result.code == 0, result.stderr
-    assert result.stdout.split() == ["watched", server.instanceId, "running", server.instance_type,
-                                     server.public_ip]
+    first, spent = result.stdout.splitlines()
+    assert first.split() == ["watched", server.instanceId, "running", server.instance_type, server.public_ip]
+    assert spent.startswith("cost so far $")
 
 
 def test_status_reads_state_changed_outside_crimpl(ec2, config, tmp_path):

@@ -7,6 +7,7 @@ connections are cut by killing the sshd's per-connection processes, as a network
 failure or a stopped instance would.
 """
 
+import contextlib
 import io
 import json
 import os
@@ -22,9 +23,9 @@ import pytest
 
 import crimpl
 from crimpl.errors import JobError, JobUnreachableError, ScriptFailedError
-from sandbox import wait_until
+from sandbox import Background, wait_until
 
-TARGETS = ["local", "ec2"]
+TARGETS = ["local", "ec2", "sshhost"]
 
 
 @pytest.fixture
@@ -56,7 +57,17 @@ def ec2_server(ec2_sshd):
 def target(request, tmp_path):
     if request.param == "local":
         return crimpl.Local(root=tmp_path / "local")
+    if request.param == "sshhost":
+        return _ssh_host_server(request, tmp_path)
     return request.getfixturevalue("ec2_server")
+
+
+def _ssh_host_server(request, tmp_path):
+    """A RemoteThreadServer on the test sshd, saved as ``jobs-test`` so another process finds it."""
+    request.getfixturevalue("ssh_host")
+    server = crimpl.RemoteThreadServer("workstation", directory=str(tmp_path / "remote-ssh"))
+    server.save("jobs-test")
+    return server
 
 
 def _wait_final(job, timeout=30):
@@ -167,6 +178,7 @@ def test_jobs_are_found_again_from_a_new_server_object(target, tmp_path):
     job = target.submit_script(["echo kept on the server"], job_name="findme")
     _wait_final(job)
     again = (crimpl.Local(root=tmp_path / "local") if target.instanceId == "local"
+             else crimpl.load_server("jobs-test") if target.instanceId is None
              else crimpl.AWSEC2(target.instanceId))
     found = again.get_job("findme")
     assert found.job_status == "complete"
@@ -281,6 +293,8 @@ def test_a_detached_job_survives_its_client_being_killed(target, tmp_path):
     gate = tmp_path / "gate"
     if target.instanceId == "local":
         make = f"crimpl.Local(root={str(tmp_path / 'local')!r})"
+    elif target.instanceId is None:
+        make = "crimpl.load_server('jobs-test')"
     else:
         make = f"crimpl.AWSEC2({target.instanceId!r})"  # finds the only saved config
     client = subprocess.Popen(
@@ -392,24 +406,6 @@ def test_without_on_complete_the_shutdown_command_never_runs(ec2_server, tmp_pat
 # == under faults ==========================================================================
 
 
-class _Background:
-    """Run ``call`` in a daemon thread; ``done``, ``result`` and ``error`` tell how it ended."""
-
-    def __init__(self, call):
-        self.done = False
-        self.result = self.error = None
-
-        def body():
-            try:
-                self.result = call()
-            except Exception as exc:  # noqa: BLE001 - the test looks at it
-                self.error = exc
-            finally:
-                self.done = True
-
-        threading.Thread(target=body, daemon=True).start()
-
-
 def _pids():
     return [int(p) for p in os.listdir("/proc") if p.isdigit()]
 
@@ -459,6 +455,9 @@ def cut_target(request, tmp_path):
     """A target and a function that cuts its open connections (nothing to cut locally)."""
     if request.param == "local":
         return crimpl.Local(root=tmp_path / "local"), lambda: None
+    if request.param == "sshhost":
+        server = _ssh_host_server(request, tmp_path)
+        return server, lambda: _cut_ssh_connections(request.getfixturevalue("ssh_host").sshd)
     server, sshd = request.getfixturevalue("ec2_sshd")
     return server, lambda: _cut_ssh_connections(sshd)
 
@@ -640,19 +639,22 @@ def test_an_interrupted_submit_is_completed_by_a_retry_with_the_same_name(cut_ta
     with open(big, "wb") as handle:
         handle.truncate(64 * 2**20)
     directory = Path(target.job_root) / "jobs" / "interrupted"
-    submit = _Background(lambda: target.submit_script(["wc -c < big.bin"], files=[big],
+    submit = Background(lambda: target.submit_script(["wc -c < big.bin"], files=[big],
                                                       job_name="interrupted", quiet=True))
     temporary = wait_until(lambda: list(directory.glob(".crimpl-upload-*")), timeout=60, interval=0.002,
                            what="upload under way")
     # Freeze the receiving end mid-upload (its shell and tar name its random folder), then
     # drop the connection under it.
-    frozen = _processes_with(temporary[0].name.encode())
-    assert frozen
-    for pid in frozen:
-        os.kill(pid, signal.SIGSTOP)
+    frozen = []
+    for pid in _processes_with(temporary[0].name.encode()):
+        with contextlib.suppress(ProcessLookupError):  # a short-lived command (mkdir, rm) ended
+            os.kill(pid, signal.SIGSTOP)
+            frozen.append(pid)
+    assert frozen, "no process of the upload was left to freeze"
     cut()
     for pid in frozen:
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     wait_until(lambda: submit.done, timeout=60, what="the interrupted submit to return")
     assert isinstance(submit.error, crimpl.TransferError), submit.error or submit.result
     assert "submit again with job_name='interrupted'" in str(submit.error)
@@ -737,7 +739,7 @@ def test_wait_ends_with_the_last_state_when_the_server_goes_away(ec2_server, tmp
         assert job.status().state == "running"
         ec2 = boto3.client("ec2")
         getattr(ec2, f"{action}_instances")(InstanceIds=[ec2_server.instanceId])  # out of band
-        waited = _Background(lambda: job.wait(interval=0.1))
+        waited = Background(lambda: job.wait(interval=0.1))
         wait_until(lambda: waited.done, timeout=60, what="wait to return")
         assert isinstance(waited.error, JobUnreachableError), waited.result
         assert words in str(waited.error)
@@ -758,7 +760,7 @@ def test_wait_gives_up_after_repeated_unreachable_polls_naming_the_last_state(ec
         _cut_ssh_connections(sshd)
         sshd.stop()
         assert job.job_status == "unknown"
-        waited = _Background(lambda: job.wait(interval=0.1, max_unreachable=2))
+        waited = Background(lambda: job.wait(interval=0.1, max_unreachable=2))
         wait_until(lambda: waited.done, timeout=60, what="wait to return")
     finally:
         gate.touch()
@@ -769,7 +771,7 @@ def test_wait_gives_up_after_repeated_unreachable_polls_naming_the_last_state(ec
 
 def _follow(job):
     out = io.StringIO()
-    return out, _Background(lambda: job.logs(follow=True, stream=out))
+    return out, Background(lambda: job.logs(follow=True, stream=out))
 
 
 def test_follow_resumes_after_a_dropped_connection_without_losing_or_repeating_output(ec2_sshd, tmp_path):
@@ -793,7 +795,7 @@ def test_follow_says_the_stream_was_cut_when_the_server_does_not_answer_again(ec
     gate = tmp_path / "gate"
     job = server.submit_script(["echo part one", _gate_loop(gate), "echo part two"])
     out = io.StringIO()
-    follow = _Background(lambda: job.logs(follow=True, stream=out, max_unreachable=1))
+    follow = Background(lambda: job.logs(follow=True, stream=out, max_unreachable=1))
     try:
         wait_until(lambda: "part one" in out.getvalue(), timeout=30, what="first output")
         _cut_ssh_connections(sshd)
@@ -843,7 +845,7 @@ def test_follow_then_wait_report_the_final_state_after_on_complete_stop(
         gate.touch()
     wait_until(lambda: follow.done, timeout=60, what="follow to return")
     assert follow.error is None and follow.result == "working\n"
-    waited = _Background(lambda: job.wait(interval=0.1))
+    waited = Background(lambda: job.wait(interval=0.1))
     wait_until(lambda: waited.done, timeout=60, what="wait to return")
     assert server.state == "stopped"
     assert waited.error is None
@@ -851,3 +853,32 @@ def test_follow_then_wait_report_the_final_state_after_on_complete_stop(
     # A new object has read nothing before the stop: it says so instead of waiting forever.
     with pytest.raises(JobUnreachableError, match="the server stopped .*last state was not read yet"):
         crimpl.Job(server, job.job_name).wait(interval=0.1)
+
+
+# -- Ctrl-C is never lost ----------------------------------------------------------------------
+
+
+def test_ctrl_c_during_a_job_command_is_raised_once_the_command_returned(tmp_path):
+    """invoke's runner swallows KeyboardInterrupt; crimpl's job commands must not."""
+    from invoke import Context
+
+    from crimpl.jobs import protocol
+
+    started, go = tmp_path / "started", tmp_path / "go"
+    command = (f"touch {started}; i=0; while [ ! -e {go} ] && [ $i -lt 600 ]; do sleep 0.05; "
+               "i=$((i+1)); done")
+
+    def interrupt_then_release():
+        wait_until(started.exists, timeout=30, what="the command to start")
+        os.kill(os.getpid(), signal.SIGINT)
+        go.touch()
+
+    helper = threading.Thread(target=interrupt_then_release)
+    helper.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            protocol.run(Context(), command)
+    finally:
+        go.touch()
+        helper.join(30)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -22,7 +22,7 @@ import pytest
 from crimpl import hostkeys, ssh, transfer
 from crimpl.errors import TransferError
 from crimpl.hostkeys import generate_host_key
-from sandbox import Sshd, make_client_key, wait_until
+from sandbox import Sshd, kill_sessions, make_client_key, session_pids, wait_until
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -131,32 +131,6 @@ def make_tree(root):
     os.symlink("b/c", root / "a" / "link-to-dir")
     os.symlink("does-not-exist", root / "dangling")
     return root
-
-
-def session_pids(listener_pid):
-    """Every process below the sshd listener: the per-connection sshd, its shell, tar."""
-    children = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = [], [listener_pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def kill_sessions(sshd):
-    for pid in session_pids(sshd.process.pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 # --------------------------------------------------------------------------- upload

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from ..errors import (
@@ -27,7 +28,8 @@ from ..errors import (
     SSHNotReadyError,
     TransferError,
 )
-from . import protocol
+from ..transfer.store import DEFAULT_CAP, CleanReport
+from . import preemption, protocol
 from .protocol import COMMANDS_SCRIPT, ON_COMPLETE, STATES, WRAPPER, check_job_name, job_dir
 
 #: The errors that mean "the server cannot be reached now"; only they make a state ``unknown``.
@@ -101,6 +103,10 @@ class Job:
         self._sources = list(sources or [])
         #: The last status read from the server, named when the server goes away.
         self.last_status: JobStatus | None = None
+        #: What the upload of its inputs did, when this object submitted (or resubmitted) it.
+        self.upload_report = None
+        #: Retries asked for at submit: a wait may then start the spot server a preemption stopped.
+        self.retry_on_preemption = 0
 
     def __repr__(self):
         return f"<Job {self.job_name} on {self.server}>"
@@ -111,7 +117,10 @@ class Job:
         return job_dir(self.server.job_root, self.job_name)
 
     def _read(self, conn) -> JobStatus:
-        status = _statuses(conn, self.server.job_root, [self.job_name]).get(self.job_name)
+        status = self.server._read_statuses(conn, [self.job_name]).get(self.job_name)
+        if status is not None and status.state == "preempted":
+            # Every look at the job is where a retry on preemption happens (crimpl.jobs.preemption).
+            status = preemption.after_preemption(self.server, conn, self.job_name, status)
         self.last_status = status or JobStatus("not-submitted")
         return self.last_status
 
@@ -150,6 +159,9 @@ class Job:
     def _on_unreachable(self, exc, failures, max_unreachable):
         """Raise if the server is gone or stayed unreachable too long; else return."""
         state = getattr(exc, "state", None) or _server_state(self.server)
+        relaunch = getattr(self.server, "_relaunch_after_preemption", None)
+        if self.retry_on_preemption and relaunch is not None and relaunch():
+            return  # a spot server its preemption stopped runs again: the next look retries the job
         if state in GONE:
             raise self._gone(state) from exc
         if failures >= max_unreachable:
@@ -193,7 +205,8 @@ class Job:
                     self._on_unreachable(exc, failures, max_unreachable)
                     status = JobStatus("unknown", detail=str(exc))
                 # "unknown" read from the server (a malformed record) will not change by waiting.
-                if status.state != "running" and (status.state != "unknown" or failures == 0):
+                ended = status.state not in ("running", "pending")
+                if ended and (status.state != "unknown" or failures == 0):
                     return status
                 if deadline is not None and time.monotonic() >= deadline:
                     raise JobError(f"job {self.job_name} still {status.state} after {timeout:.0f} s")
@@ -220,8 +233,7 @@ class Job:
             try:
                 with self.server.session(start=False) as conn:
                     self._read(conn)
-                    for chunk in protocol.stream_log(conn, self.server.job_root, self.job_name,
-                                                     offset=received):
+                    for chunk in self.server._stream_log(conn, self.job_name, received):
                         if not chunk:
                             # Silence: a server stopped under a live connection says nothing either.
                             state = _server_state(self.server)
@@ -236,6 +248,9 @@ class Job:
                     with contextlib.suppress(*UNREACHABLE):
                         # The final state, when the server still answers (on_complete may stop it).
                         self._read(conn)
+                if self.last_status is not None and self.last_status.state == "running":
+                    received = 0  # started again after a preemption: follow the new attempt's log
+                    continue
                 break
             except UNREACHABLE as exc:
                 failures += 1
@@ -246,7 +261,7 @@ class Job:
     def kill(self) -> bool:
         """End the job's whole process group. Returns True if it was running."""
         with self.server.session(start=False) as conn:
-            return protocol.kill(conn, self.server.job_root, self.job_name)
+            return self.server._kill(conn, self.job_name)
 
     def resubmit(self, files=None, *, allow_concurrent: bool = False, quiet: bool = False) -> "Job":
         """Run this job again in place, re-sending only inputs that changed.
@@ -337,11 +352,49 @@ class JobsMixin:
     ``start`` is true), ``shutdown_command`` and ``_prepare_on_complete(on_complete)``.
     A server kind that knows its machine's state (``running``, ``stopped``,
     ``terminated`` ...) exposes it as ``state``; waits then end as soon as it stops.
+
+    Job inputs go through a store beside the job directories (:attr:`store_dir`,
+    see :mod:`crimpl.transfer.store`): a file another job already sent is linked,
+    not sent again.
     """
+
+    #: Size cap of the store in bytes; unlinked inputs beyond it are evicted, oldest first.
+    store_cap: int = DEFAULT_CAP
+
+    @property
+    def store_dir(self) -> str:
+        """The store of job inputs on the server: ``objects`` beside ``jobs`` in the remote root."""
+        return f"{self.job_root.rstrip('/')}/objects"
+
+    def clean(self, older_than_days: float = 7, *, dry_run: bool = False) -> CleanReport:
+        """Remove the jobs that ended ``older_than_days`` ago or earlier, then every input no job links.
+
+        Jobs that run, never started or read ``unknown`` are kept.
+
+        :param older_than_days: age of the end of a job, in days, from which it goes.
+        :param dry_run: list what would go, remove nothing.
+        :returns: a :class:`~crimpl.transfer.store.CleanReport` with the job names.
+        :raises JobError: if ``older_than_days`` is negative.
+        """
+        from ..transfer import store
+
+        if isinstance(older_than_days, bool) or not isinstance(older_than_days, (int, float)) \
+                or older_than_days < 0:
+            raise JobError(f"older_than_days must be a number of days, 0 or more, got {older_than_days!r}")
+        cutoff = datetime.now(timezone.utc) - timedelta(days=older_than_days)
+        with self.session(start=False) as conn:
+            statuses = self._read_statuses(conn)
+            old = sorted(name for name, status in statuses.items()
+                         if status.state in ("complete", "failed", "killed")
+                         and _ended_before(status.ended, cutoff))
+            report = store.clean(conn, self.store_dir, [job_dir(self.job_root, n) for n in old],
+                                 dry_run=dry_run)
+        report.jobs = [path.rsplit("/", 1)[-1] for path in report.jobs]
+        return report
 
     def submit_script(self, script, files=None, *, job_name: str | None = None,
                       on_complete: str | None = None, allow_concurrent: bool = False,
-                      quiet: bool = False) -> Job:
+                      quiet: bool = False, retry_on_preemption: int = 0) -> Job:
         """Send ``script`` and ``files`` to the server and start it detached.
 
         A submit that was interrupted (the connection dropped during the upload)
@@ -353,6 +406,8 @@ class JobsMixin:
         :param on_complete: ``"stop"`` or ``"terminate"`` the server when the
             script ends (default None: keep it running).
         :param allow_concurrent: allow this job to start while another runs.
+        :param retry_on_preemption: start the job again in place up to this many times
+            when a spot preemption ends it (see :mod:`crimpl.jobs.preemption`).
         :returns: the :class:`Job`, already running.
         :raises JobError: if the name is taken, or another job is running (checked
             atomically on the server: of two submits at once, one starts).
@@ -363,6 +418,9 @@ class JobsMixin:
             raise JobError(f"on_complete must be 'stop', 'terminate' or None, got {on_complete!r}")
         if job_name is not None:
             check_job_name(job_name)
+        if isinstance(retry_on_preemption, bool) or not isinstance(retry_on_preemption, int) \
+                or retry_on_preemption < 0:
+            raise JobError(f"retry_on_preemption must be a whole number, 0 or more, got {retry_on_preemption!r}")
         with tempfile.TemporaryDirectory(prefix="crimpl-submit-") as workdir:
             entry, script_path = _script_sources(script, workdir)
             inputs = _check_files(files, entry)
@@ -370,8 +428,12 @@ class JobsMixin:
             wrapper = Path(workdir) / WRAPPER
             wrapper.write_text(protocol.render_wrapper(name, entry, on_complete, self.shutdown_command),
                                encoding="utf-8")
+            crimpl_files = [wrapper]
+            if retry_on_preemption:
+                crimpl_files.append(Path(workdir) / protocol.ATTEMPT)
+                crimpl_files[-1].write_text(preemption.attempt_line(1, retry_on_preemption), encoding="utf-8")
             with self.session(start=True) as conn:
-                existing = _statuses(conn, self.job_root)
+                existing = self._read_statuses(conn)
                 # A job directory never started is what an interrupted submit left: complete it.
                 if name in existing and existing[name].state != "not-submitted":
                     raise self._exists(name)
@@ -381,15 +443,33 @@ class JobsMixin:
                 if on_complete:
                     self._prepare_on_complete(on_complete)
                 try:
-                    transfer.upload(conn, [script_path, wrapper, *inputs], job_dir(self.job_root, name),
-                                    quiet=quiet)
+                    report = transfer.upload(conn, [script_path, *crimpl_files, *inputs],
+                                             job_dir(self.job_root, name), quiet=quiet,
+                                             store=self.store_dir, store_cap=self.store_cap)
                 except TransferError as exc:
                     raise TransferError(f"{exc} (job {name} was not started: submit again with "
                                         f"job_name={name!r} to complete it)") from exc
                 self._start(conn, name, again=False, allow_concurrent=allow_concurrent)
         # A list of commands lives in the job directory already; a script file may change locally.
         sources = ([script_path] if entry != COMMANDS_SCRIPT else []) + inputs
-        return Job(self, name, sources=sources)
+        job = Job(self, name, sources=sources)
+        job.upload_report = report
+        job.retry_on_preemption = retry_on_preemption
+        return job
+
+    # -- what a server kind with a scheduler replaces (crimpl.slurm) ------------------------
+
+    def _read_statuses(self, conn, names=None) -> dict:
+        """``{job_name: JobStatus}`` of the given jobs that exist (every job when ``names`` is None)."""
+        return _statuses(conn, self.job_root, names)
+
+    def _kill(self, conn, name) -> bool:
+        """End job ``name``; return True if it was running."""
+        return protocol.kill(conn, self.job_root, name)
+
+    def _stream_log(self, conn, name, offset):
+        """Yield job ``name``'s log from byte ``offset`` while it runs (:func:`protocol.stream_log`)."""
+        return protocol.stream_log(conn, self.job_root, name, offset=offset)
 
     def _exists(self, name):
         return JobError(f"a job named {name} already exists on {self}; choose another job_name")
@@ -436,15 +516,18 @@ class JobsMixin:
         if files is not None:
             files = _check_files(files, None)
         with self.session(start=True) as conn:
-            status = _statuses(conn, self.job_root, [job.job_name]).get(job.job_name)
+            status = self._read_statuses(conn, [job.job_name]).get(job.job_name)
             if status is None:
                 raise JobError(f"no job {job.job_name} on {self}: `jobs` lists the jobs there")
             if status.state == "running":
                 raise JobError(f"job {job.job_name} is still running: kill it before resubmitting")
+            report = None
             if files:
-                transfer.upload(conn, files, job.job_dir, quiet=quiet)
+                report = transfer.upload(conn, files, job.job_dir, quiet=quiet, store=self.store_dir,
+                                         store_cap=self.store_cap)
             self._start(conn, job.job_name, again=True, allow_concurrent=allow_concurrent)
         job.last_status = None
+        job.upload_report = report
         return job
 
     def run_script(self, script, files=None, *, stream=None, **kwargs) -> int:
@@ -475,7 +558,9 @@ class JobsMixin:
     def job_statuses(self) -> dict:
         """Return ``{job_name: JobStatus}`` for every job, oldest first."""
         with self.session(start=False) as conn:
-            statuses = _statuses(conn, self.job_root)
+            statuses = self._read_statuses(conn)
+            for name in [n for n, s in statuses.items() if s.state == "preempted"]:
+                statuses[name] = preemption.after_preemption(self, conn, name, statuses[name])
         return {name: statuses[name] for name in _by_start(statuses)}
 
     def get_job(self, job_name: str | None = None) -> Job:
@@ -528,6 +613,16 @@ class JobsMixin:
             job = self.get_job(job)
         with self.session(start=True) as conn:
             return transfer.download(conn, job.job_dir, server_path, local_path, quiet=quiet)
+
+
+def _ended_before(ended, cutoff):
+    """Did a job that ended at ``ended`` (UTC ISO, as the wrapper records it) end by ``cutoff``?"""
+    try:
+        # Whole seconds: the wrapper writes nanoseconds where date has them, else none.
+        when = datetime.strptime((ended or "")[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return False  # no readable end: keep the job
+    return when <= cutoff
 
 
 def _by_start(statuses):

@@ -8,6 +8,7 @@ side needs only POSIX ``sh``, GNU ``tar``, ``find``, ``mv``, ``awk`` and ``ls``.
 
 - :mod:`.streams`: the byte stream to the remote command, progress, messages;
 - :mod:`.upload`: scan, plan against the remote manifest, tar writer, finish script;
+- :mod:`.store`: the server's store of inputs shared by jobs, the local hash index, clean;
 - :mod:`.download`: the download command, moving the files into place;
 - :mod:`.safe_extract`: unpacking an untrusted tar stream (security-critical).
 """

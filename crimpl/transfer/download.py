@@ -39,6 +39,7 @@ from .streams import (
     location,
     open_stream,
     opened,
+    path_list,
     status_text,
 )
 from .upload import MANIFEST, RESERVED_PREFIX, UPLOAD_TMP_PREFIX, ancestors
@@ -121,14 +122,7 @@ def download(conn, remote_dir, paths, local_dest, *, quiet=False, callback=None)
 
 def _patterns(paths):
     """Check the paths given to :func:`download` and return them as a list of strings."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    try:
-        patterns = [os.fspath(p) for p in paths or []]
-    except TypeError:
-        raise TransferError(f"paths to download must be a path or a list of paths, not {paths!r}") from None
-    if not patterns:
-        raise TransferError("nothing to download: no paths given")
+    patterns = path_list(paths, "paths to download")
     for pattern in patterns:
         parts = PurePosixPath(pattern).parts
         if not pattern or pattern.startswith("/") or ".." in parts:

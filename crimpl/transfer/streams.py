@@ -5,6 +5,7 @@ stream :func:`open_stream` returns: an SSH exec channel with a large window for 
 :class:`fabric.Connection`, a ``/bin/sh`` process for an :class:`invoke.Context`.
 """
 
+import os
 import shlex
 import subprocess
 import tempfile
@@ -22,6 +23,8 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+
+from ..errors import TransferError
 
 # SSH channel tuning, measured in docs/benchmarks.md. Uploads are limited by the
 # window sshd advertises (OpenSSH: 2 MiB, 32 KiB packets), which a client cannot
@@ -54,6 +57,8 @@ class TransferReport:
     :param files_skipped: files left alone because the other side already had them.
     :param replaced: local paths that a download overwrote with different content.
     :param files: the relative paths (relative to ``remote_dir``) that were moved.
+    :param files_linked: files an upload took from the server's store instead of sending them.
+    :param bytes_linked: the bytes of those files.
     """
 
     files_sent: int = 0
@@ -61,6 +66,8 @@ class TransferReport:
     files_skipped: int = 0
     replaced: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    files_linked: int = 0
+    bytes_linked: int = 0
 
 
 # --------------------------------------------------------------------------- streams
@@ -115,6 +122,8 @@ class ProcessStream:
 
     def send(self, data):
         self.process.stdin.write(data)
+        # Now, not when the buffer fills: a store upload waits for the answer to what it sent.
+        self.process.stdin.flush()
 
     def recv(self, size):
         return self.process.stdout.read1(size)
@@ -299,3 +308,20 @@ def status_text(status, stderr):
         return "connection lost"
     lines = [line for line in stderr.strip().splitlines() if line]
     return f"exit {status}: {lines[-1]}" if lines else f"exit {status}"
+
+
+def path_list(value, what: str) -> list:
+    """Return ``value`` (a path or a list of paths) as a non-empty list of strings.
+
+    :param what: the role of the paths in messages, e.g. ``"sources to upload"``.
+    :raises TransferError: for anything else, or an empty list.
+    """
+    if isinstance(value, (str, os.PathLike)):
+        value = [value]
+    try:
+        paths = [os.fspath(p) for p in value or []]
+    except TypeError:
+        raise TransferError(f"{what} must be a path or a list of paths, not {value!r}") from None
+    if not paths:
+        raise TransferError(f"nothing to do: no {what} given")
+    return paths

@@ -15,6 +15,16 @@ Protocol (one exec channel, one round trip before the data):
    manifest in place LAST. A connection lost before that leaves the old manifest,
    so the next upload re-checks everything against the listing; stale temporary
    folders are removed by the next upload. One upload per ``remote_dir`` at a time.
+
+With a ``store`` (see :mod:`.store`), the client first sends the names of the
+objects its files would be (for the files whose hash the local index knows),
+and the server answers which of them it has, in the same round trip as the
+listing. A file whose object is there and intact goes into the tar stream as a
+hard link to ``.crimpl-store/<object>`` (a symlink to the store in the temporary
+folder); any other file is sent, hashed as it goes, followed by a hard link
+``.crimpl-objects/<object>`` to it. The finish script renames those into the
+store, whole files only, before it moves the job's entries into place, and at
+the end evicts unlinked objects over the store's size cap.
 """
 
 import hashlib
@@ -33,6 +43,7 @@ from dataclasses import dataclass, field
 import pathspec
 
 from ..errors import TransferError
+from . import store as objects
 from .streams import (
     CHUNK,
     CONNECTION_ERRORS,
@@ -43,6 +54,7 @@ from .streams import (
     location,
     open_stream,
     opened,
+    path_list,
     status_text,
 )
 
@@ -52,6 +64,9 @@ IGNORE_FILE = ".crimplignore"
 RESERVED_PREFIX = ".crimpl-"
 UPLOAD_TMP_PREFIX = ".crimpl-upload-"
 _FINISH_SCRIPT = ".crimpl-finish"
+# In the temporary folder of a store upload: the store (a symlink) and the new objects.
+_STORE_LINK = ".crimpl-store"
+_NEW_OBJECTS = ".crimpl-objects"
 # Files per ``mv`` command in the remote finish script, well below ARG_MAX.
 _MV_BATCH = 500
 
@@ -67,9 +82,11 @@ class _Entry:
     mtime_ns: int
     mode: int
     link: str = ""
+    ino: int = 0
 
 
-def upload(conn, sources, remote_dir, *, quiet=False, callback=None):
+def upload(conn, sources, remote_dir, *, quiet=False, callback=None, store=None,
+           store_cap=objects.DEFAULT_CAP):
     """Copy local files and directories into ``remote_dir``, sending only what changed.
 
     Each source lands in ``remote_dir`` under its basename; directories are copied
@@ -84,18 +101,31 @@ def upload(conn, sources, remote_dir, *, quiet=False, callback=None):
         to the login directory, or absolute); created if missing.
     :param quiet: never show a progress bar.
     :param callback: optional ``callback(bytes_done, bytes_total)`` called as data is sent.
+    :param store: a folder on the same file system as ``remote_dir`` that holds
+        the content-addressed store (see :mod:`.store`): files it has are linked
+        from it instead of sent, files sent are added to it. None: no store, every
+        file's mode is kept; with a store, files arrive without write permission.
+    :param store_cap: the store's size cap in bytes.
     :returns: a :class:`TransferReport`.
     :raises TransferError: if a source is missing (before anything is sent), or the
         copy failed; a failed upload can simply be retried.
     """
     names, entries = _scan_sources(sources)
     token = secrets.token_hex(6)
-    script = _upload_script(remote_dir, names, UPLOAD_TMP_PREFIX + token)
+    index = objects.HashIndex() if store is not None else None
+    query = "".join(f"{name}\n" for name in _wanted(entries, index)).encode("ascii")
+    script = _upload_script(remote_dir, names, UPLOAD_TMP_PREFIX + token, store, len(query))
     report = TransferReport()
     try:
         with opened(open_stream(conn, script)) as stream:
-            manifest, remote = _read_listing(stream, location(conn, remote_dir))
-            plan = _plan_upload(entries, manifest, remote, names)
+            present, pending = {}, b""
+            if index is not None:
+                stream.send(query)
+                present, pending = _read_store_answer(stream)
+            manifest, remote = _read_listing(stream, location(conn, remote_dir), pending)
+            plan = _plan_upload(entries, manifest, remote, names, index)
+            if index is not None:
+                _plan_links(plan, index, present)
             report.files_skipped = plan.skipped
             if not plan.send and not plan.chmod:
                 # The remote side sees EOF instead of "go" and exits 0; no need to
@@ -105,7 +135,7 @@ def upload(conn, sources, remote_dir, *, quiet=False, callback=None):
             progress = Progress(f"upload {remote_dir}", plan.bytes, len(plan.send),
                                 quiet=quiet, callback=callback)
             try:
-                _send_tar(stream, plan, progress, UPLOAD_TMP_PREFIX + token)
+                _send_tar(stream, plan, progress, UPLOAD_TMP_PREFIX + token, index, store_cap)
             finally:
                 progress.close()
             stream.close_stdin()
@@ -115,17 +145,53 @@ def upload(conn, sources, remote_dir, *, quiet=False, callback=None):
             f"upload to {location(conn, remote_dir)} failed ({describe_exception(exc)}); "
             "retry to complete it"
         ) from exc
+    finally:
+        if index is not None:
+            index.save()  # hashes made while sending stay true whatever became of the upload
     if status != 0:
         raise TransferError(
             f"upload to {location(conn, remote_dir)} failed "
             f"({status_text(status, stderr)}); retry to complete it"
         )
     for rel, entry in plan.send:
-        if entry.kind != "d":
+        if rel in plan.linked:
+            report.files_linked += 1
+            report.bytes_linked += entry.size
+        elif entry.kind != "d":
             report.files_sent += 1
             report.bytes_sent += entry.size if entry.kind == "f" else 0
             report.files.append(rel)
     return report
+
+
+def _wanted(entries, index):
+    """The objects that the files with a known hash would be, to ask the store about."""
+    if index is None:
+        return []
+    wanted = set()
+    for entry in entries.values():
+        if entry.kind == "f":
+            digest = index.lookup(entry.path, entry.size, entry.mtime_ns, entry.ino)
+            if digest is not None:
+                wanted.add(objects.object_name(digest, entry.mtime, objects.stored_mode(entry.mode)))
+    return sorted(wanted)
+
+
+def _read_store_answer(stream):
+    """Read the store's answer (rows, then a line ``.``); return ``(present, bytes after it)``."""
+    buf = bytearray()
+    while True:
+        # The rows end with a line holding only "."; object names never look like that.
+        end = 0 if buf.startswith(b".\n") else buf.find(b"\n.\n") + 1
+        if end or buf.startswith(b".\n"):
+            rows = bytes(buf[:end]).decode("ascii", "replace")
+            return objects.parse_query(rows), bytes(buf[end + 2:])
+        data = stream.recv(CHUNK)
+        if not data:
+            status, stderr = stream.finish()
+            raise TransferError(f"the server did not answer which inputs it has "
+                                f"({status_text(status, stderr)})")
+        buf += data
 
 
 def _scan_sources(sources):
@@ -134,14 +200,7 @@ def _scan_sources(sources):
     Checks every source before anything else, so a missing one is reported
     before a connection is even opened.
     """
-    if isinstance(sources, (str, os.PathLike)):
-        sources = [sources]
-    try:
-        sources = [os.fspath(s) for s in sources or []]
-    except TypeError:
-        raise TransferError(f"sources to upload must be a path or a list of paths, not {sources!r}") from None
-    if not sources:
-        raise TransferError("nothing to upload: no sources given")
+    sources = path_list(sources, "sources to upload")
     missing = [s for s in sources if not os.path.exists(s)]
     if missing:
         raise TransferError(
@@ -177,7 +236,7 @@ def _entry(path, st, kind):
     return _Entry(
         path=path, kind=kind, size=st.st_size if kind == "f" else 0,
         mtime=int(st.st_mtime), mtime_ns=st.st_mtime_ns, mode=stat.S_IMODE(st.st_mode),
-        link=os.readlink(path) if kind == "l" else "",
+        link=os.readlink(path) if kind == "l" else "", ino=st.st_ino,
     )
 
 
@@ -217,11 +276,15 @@ def _ignored(rel, is_dir, specs):
     return False
 
 
-def _upload_script(remote_dir, names, tmp):
+def _upload_script(remote_dir, names, tmp, store=None, query_bytes=0):
     d = shlex.quote(remote_dir)
     starts = " ".join(shlex.quote("./" + n) for n in names)
+    query = objects.query_script(store, query_bytes) if store is not None else ""
+    # The store as a symlink in the temporary folder: the stream's hard links point through it.
+    link = f'ln -s "$S" {tmp}/{_STORE_LINK}; ' if store is not None else ""
+    finish = f"exec sh {tmp}/{_FINISH_SCRIPT}" + (' "$S"' if store is not None else "")
     return (
-        f"set -e; mkdir -p -- {d}; cd -- {d}; "
+        f"set -e; {query}mkdir -p -- {d}; cd -- {d}; "
         # Listing: manifest, NUL, then six NUL-terminated fields per path, then END.
         # A NUL inside the manifest would end it early: such a manifest is invalid
         # anyway, and without its NULs it reads as invalid JSON, i.e. no manifest.
@@ -231,31 +294,32 @@ def _upload_script(remote_dir, names, tmp):
         # EOF instead of "go": nothing to send.
         'IFS= read -r go || exit 0; [ "$go" = go ] || exit 0; '
         # Temporary folders of interrupted uploads; failure to remove one is harmless.
-        f"rm -rf ./{UPLOAD_TMP_PREFIX}* 2>/dev/null || :; mkdir {tmp}; "
+        f"rm -rf ./{UPLOAD_TMP_PREFIX}* 2>/dev/null || :; mkdir {tmp}; {link}"
         f"tar -x -p --no-same-owner -f - -C {tmp}; "
-        f"exec sh {tmp}/{_FINISH_SCRIPT}"
+        f"{finish}"
     )
 
 
-def _read_listing(stream, where):
+def _read_listing(stream, where, pending=b""):
     """Read the manifest and the ``find`` listing the upload command prints first.
 
     :param where: ``host:remote_dir``, for messages.
+    :param pending: bytes of it already received.
     :returns: ``(manifest, remote)``: ``{rel: manifest entry}`` and
         ``{rel: (kind, size, mtime, mode, link)}``.
     :raises TransferError: if the listing is malformed.
     """
-    buf = bytearray()
+    buf = bytearray(pending)
     while True:
+        if buf.endswith(b"\0END\0"):
+            parsed = _parse_listing(bytes(buf), where)
+            if parsed is not None:
+                return parsed
         data = stream.recv(CHUNK)
         if not data:
             status, stderr = stream.finish()
             raise TransferError(f"the server did not list remote_dir ({status_text(status, stderr)})")
         buf += data
-        if buf.endswith(b"\0END\0"):
-            parsed = _parse_listing(bytes(buf), where)
-            if parsed is not None:
-                return parsed
 
 
 def _parse_listing(data, where):
@@ -325,11 +389,18 @@ class _Plan:
     remove: list = field(default_factory=list)  # remote paths of another type, removed first
     manifest: dict = field(default_factory=dict)  # entries kept from the old manifest
     remote: dict = field(default_factory=dict)
+    # With a store: {rel: (object, sha256)} of files linked from it, objects to evict.
+    linked: dict = field(default_factory=dict)
+    evict: list = field(default_factory=list)
 
 
-def _plan_upload(entries, manifest, remote, names):
-    """Decide what to send; see the module docstring for the rules."""
+def _plan_upload(entries, manifest, remote, names, index=None):
+    """Decide what to send; see the module docstring for the rules.
+
+    :param index: the local :class:`~.store.HashIndex` of a store upload, else None.
+    """
     plan = _Plan(remote=remote)
+    mode_of = objects.stored_mode if index is not None else (lambda mode: mode)
     tops = set(names)
     # Keep manifest entries of other uploads, and of ours that still match the server.
     for rel, old in manifest.items():
@@ -348,12 +419,31 @@ def _plan_upload(entries, manifest, remote, names):
                 plan.chmod.append((rel, entry.mode))
             plan.manifest[rel] = ["d", 0, 0, entry.mode, "", 0]
             continue
-        if have is not None and _unchanged(entry, plan.manifest.get(rel), have):
+        if have is not None and _unchanged(entry, plan.manifest.get(rel), have, mode_of, index):
             plan.skipped += 1
             continue
         plan.send.append((rel, entry))
         plan.bytes += entry.size
     return plan
+
+
+def _plan_links(plan, index, present):
+    """Take from the store each file to send whose object is there and intact."""
+    for rel, entry in plan.send:
+        if entry.kind != "f":
+            continue
+        digest = index.lookup(entry.path, entry.size, entry.mtime_ns, entry.ino)
+        if digest is None:
+            continue
+        name = objects.object_name(digest, entry.mtime, objects.stored_mode(entry.mode))
+        if name not in present:
+            continue
+        if objects.intact(name, *present[name], entry.size):
+            plan.linked[rel] = (name, digest)
+            plan.bytes -= entry.size
+        elif name not in plan.evict:
+            # Rewritten in place by a job since it was stored: never reused.
+            plan.evict.append(name)
 
 
 def _matches(old, have):
@@ -366,20 +456,29 @@ def _matches(old, have):
     return True
 
 
-def _unchanged(entry, old, have):
-    """Can ``entry`` be skipped: is the server's copy verified equal to the local one?"""
+def _unchanged(entry, old, have, mode_of, index):
+    """Can ``entry`` be skipped: is the server's copy verified equal to the local one?
+
+    :param mode_of: the mode a local mode has on the server.
+    :param index: the local hash index, or None.
+    """
     if entry.kind == "l":
         return have[4] == entry.link
     if old is None or old[0] != "f":
         return False  # not uploaded by crimpl (or no longer as uploaded): send it
     _kind, size, _mtime, mode, digest, mtime_ns = old
-    if size != entry.size or mode != entry.mode:
+    if size != entry.size or mode != mode_of(entry.mode):
         return False
     if mtime_ns == entry.mtime_ns:
         return True
     # Same size, different mtime (touched, regenerated, checked out again): the
     # content hash decides, so an unchanged file is not sent again.
-    if _sha256(entry.path) != digest:
+    known = index.lookup(entry.path, entry.size, entry.mtime_ns, entry.ino) if index else None
+    if known is None:
+        known = _sha256(entry.path)
+        if index is not None:
+            index.record(entry.path, entry.size, entry.mtime_ns, entry.ino, known)
+    if known != digest:
         return False
     old[5] = entry.mtime_ns  # remembered if a new manifest is written this time
     return True
@@ -393,14 +492,19 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def _send_tar(stream, plan, progress, tmp):
-    """Write the changed entries, the finish script and the new manifest as one tar stream."""
+def _send_tar(stream, plan, progress, tmp, index=None, store_cap=objects.DEFAULT_CAP):
+    """Write the changed entries, the finish script and the new manifest as one tar stream.
+
+    :param index: the local hash index of a store upload (None: no store); the
+        hashes of the files sent are recorded in it.
+    """
     manifest = dict(plan.manifest)
     tar = _TarWriter(StreamWriter(stream, progress))
+    new_objects = {}  # object name -> the path of its first file in this stream
     for rel, entry in plan.send:
         info = tarfile.TarInfo(rel)
         info.mtime = entry.mtime  # whole seconds: no pax header per file
-        info.mode = entry.mode
+        info.mode = entry.mode if index is None or entry.kind != "f" else objects.stored_mode(entry.mode)
         if entry.kind == "d":
             info.type = tarfile.DIRTYPE
             tar.add(info)
@@ -412,6 +516,10 @@ def _send_tar(stream, plan, progress, tmp):
             manifest[rel] = ["l", 0, 0, 0, entry.link, 0]
             progress.advance(nfiles=1)
             continue
+        if index is not None and _add_link(tar, info, rel, entry, plan, index, new_objects):
+            manifest[rel] = ["f", entry.size, entry.mtime, info.mode, plan.linked[rel][1], entry.mtime_ns]
+            progress.advance(nfiles=1)
+            continue
         info.size = entry.size
         with _open_source(entry) as handle:
             digest = tar.add(info, handle)
@@ -421,13 +529,54 @@ def _send_tar(stream, plan, progress, tmp):
         # server as it was (the finish script and manifest never arrive).
         if (after.st_size, after.st_mtime_ns) != (entry.size, entry.mtime_ns):
             raise TransferError(f"{entry.path} changed while it was being sent; upload again")
-        manifest[rel] = ["f", entry.size, entry.mtime, entry.mode, digest, entry.mtime_ns]
+        manifest[rel] = ["f", entry.size, entry.mtime, info.mode, digest, entry.mtime_ns]
+        if index is not None:
+            index.record(entry.path, entry.size, entry.mtime_ns, entry.ino, digest)
+            name = objects.object_name(digest, entry.mtime, info.mode)
+            if name not in new_objects:
+                new_objects[name] = rel
+                tar.add(_hard_link(f"{_NEW_OBJECTS}/{name}", rel, info))
         progress.advance(nfiles=1)
-    tar.add_bytes(_FINISH_SCRIPT, _finish_script(plan, tmp).encode("utf-8", "surrogateescape"))
+    script = _finish_script(plan, tmp)
+    if index is not None:
+        store_lines = objects.finish_lines(f"{tmp}/{_NEW_OBJECTS}", new_objects, plan.evict)
+        # Objects into the store before the job's entries move; eviction once they have.
+        script = script.replace("set -e\n", "set -e\n" + "".join(f"{line}\n" for line in store_lines), 1)
+        script += objects.evict_script('"$1"', store_cap) + " || :\n"
+    tar.add_bytes(_FINISH_SCRIPT, script.encode("utf-8", "surrogateescape"))
     # The manifest travels last and is moved into place last (see the finish script).
     body = json.dumps({"version": 1, "files": manifest}, separators=(",", ":"))
     tar.add_bytes(MANIFEST, body.encode("ascii"))
     tar.close()
+
+
+def _add_link(tar, info, rel, entry, plan, index, new_objects):
+    """Write ``rel`` as a hard link to its object if the store or this stream has it.
+
+    :returns: True if it was written (and is recorded in ``plan.linked``).
+    """
+    if rel in plan.linked:
+        tar.add(_hard_link(rel, f"{_STORE_LINK}/{plan.linked[rel][0]}", info))
+        return True
+    digest = index.lookup(entry.path, entry.size, entry.mtime_ns, entry.ino)
+    if digest is None:
+        return False
+    name = objects.object_name(digest, entry.mtime, info.mode)
+    if name not in new_objects:
+        return False
+    # Same content earlier in this stream: link to that file.
+    tar.add(_hard_link(rel, new_objects[name], info))
+    plan.linked[rel] = (name, digest)
+    return True
+
+
+def _hard_link(name, target, like):
+    """A tar hard link ``name`` -> ``target`` (relative to the extraction folder)."""
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.LNKTYPE
+    info.linkname = target
+    info.mtime, info.mode = like.mtime, like.mode
+    return info
 
 
 def _open_source(entry):
