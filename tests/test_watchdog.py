@@ -254,21 +254,47 @@ def test_watchdog_waits_while_a_job_runs_and_stops_after_it(instance):
 
 def test_watchdog_waits_while_an_ssh_session_is_open(instance):
     inst = instance()
-    inst.server.set_autostop("1s", tick=TICK)
-    argv = inst.server.ssh_command()
-    session = subprocess.Popen([*argv[:-1], "-tt", argv[-1]], stdin=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The session opens under a long idle time, so that the time it takes cannot
+    # already count as idle; then the idle time becomes 1 s.
+    inst.server.set_autostop("1h", tick=TICK)
+    session = _open_session(inst)
     try:
-        first = inst.looked_past(0, 0, busy="an SSH session")
+        inst.server.set_autostop("1s", tick=TICK)
+        # A look after crimpl's own connection of set_autostop has closed.
+        first = inst.looked_past(_now(), 0, busy="an SSH session")
         inst.looked_past(first["checked"], 3, busy="an SSH session")
         assert inst.fired() is None
         assert inst.server.state == "running"
     finally:
-        session.stdin.write(b"exit\n")
+        session.stdin.write(b"done\n")
         session.stdin.close()
         session.wait(20)
     _final_state(inst.server, "stopped")
     assert inst.fired()["status_at_call"]["idle_from"] >= first["checked"] + 3
+
+
+def _open_session(inst):
+    """Open an OpenSSH session to the instance (host key pinned) and wait until it runs.
+
+    Retried: sshd restarts once when crimpl replaces the user-data host key, and a
+    connection made at that moment is refused.
+    """
+    marker = inst.home / "session-up"
+    argv = inst.server.ssh_command()
+
+    def opened():
+        session = subprocess.Popen([*argv[:-1], "-tt", argv[-1], f"touch {marker}; read line"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        wait_until(lambda: marker.exists() or session.poll() is not None, timeout=30,
+                   what="the SSH session to start or fail")
+        return session if marker.exists() else None
+
+    for _ in range(3):
+        session = opened()
+        if session is not None:
+            return session
+    raise AssertionError("no SSH session could be opened in 3 tries")
 
 
 def test_an_upload_in_progress_keeps_the_server_busy(instance):
