@@ -51,6 +51,19 @@ def session_pids(listener_pid):
     return found
 
 
+def processes_with(text):
+    """Pids whose command line contains ``text`` (bytes), this process excepted."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int(entry.name) != os.getpid() \
+                    and text in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
 def kill_sessions(sshd):
     """SIGKILL every process of the sshd's open connections (the listener stays)."""
     for pid in session_pids(sshd.process.pid):

@@ -23,7 +23,7 @@ import pytest
 
 import crimpl
 from crimpl.errors import JobError, JobUnreachableError, ScriptFailedError
-from sandbox import Background, wait_until
+from sandbox import Background, processes_with, wait_until
 
 TARGETS = ["local", "ec2", "sshhost"]
 
@@ -438,18 +438,6 @@ def _cut_ssh_connections(sshd):
             pass
 
 
-def _processes_with(text):
-    """Pids whose command line contains ``text`` (bytes), this process excepted."""
-    pids = []
-    for pid in _pids():
-        try:
-            if pid != os.getpid() and text in Path(f"/proc/{pid}/cmdline").read_bytes():
-                pids.append(pid)
-        except OSError:
-            pass
-    return pids
-
-
 @pytest.fixture(params=TARGETS)
 def cut_target(request, tmp_path):
     """A target and a function that cuts its open connections (nothing to cut locally)."""
@@ -646,7 +634,7 @@ def test_an_interrupted_submit_is_completed_by_a_retry_with_the_same_name(cut_ta
     # Freeze the receiving end mid-upload (its shell and tar name its random folder), then
     # drop the connection under it.
     frozen = []
-    for pid in _processes_with(temporary[0].name.encode()):
+    for pid in processes_with(temporary[0].name.encode()):
         with contextlib.suppress(ProcessLookupError):  # a short-lived command (mkdir, rm) ended
             os.kill(pid, signal.SIGSTOP)
             frozen.append(pid)

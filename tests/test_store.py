@@ -5,6 +5,7 @@ job directories on disk. Every store object must hold the content its name
 hashes, with the mtime and mode its name records: :func:`assert_store_intact`.
 """
 
+import contextlib
 import getpass
 import hashlib
 import os
@@ -22,7 +23,8 @@ from crimpl import hostkeys, ssh, transfer
 from crimpl.errors import JobError, TransferError
 from crimpl.hostkeys import generate_host_key
 from crimpl.transfer import store as objects
-from sandbox import Background, Sshd, kill_sessions, make_client_key, session_pids, wait_until
+from sandbox import (Background, Sshd, kill_sessions, make_client_key, processes_with, session_pids,
+                     wait_until)
 
 OBJECT_NAME = re.compile(r"[0-9a-f]{64}_-?[0-9]+_[0-7]+")
 
@@ -359,19 +361,6 @@ def test_clean_refuses_a_negative_age(target):
 # --------------------------------------------------------------------------- interruptions
 
 
-def processes_with(text):
-    """Pids whose command line contains ``text`` (bytes), this process excepted."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and int(entry.name) != os.getpid() \
-                    and text in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            pass
-    return pids
-
-
 def cut_after_first_mib(conn, how, sshd):
     """A callback that cuts the connection once 1 MiB has been sent."""
 
@@ -426,8 +415,12 @@ def test_a_submit_cut_during_its_upload_starts_no_job_and_stores_nothing(ec2_ser
     temporary = wait_until(lambda: list(directory.glob(".crimpl-upload-*")), timeout=60, interval=0.002,
                            what="upload under way")
     # Kill the receiving end (its shell and tar name the random folder) mid-stream.
+    killed = []
     for pid in processes_with(temporary[0].name.encode()):
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # a short-lived command (mkdir, rm) ended
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+    assert killed, "no process of the upload was left to kill"
     wait_until(lambda: submit.done, timeout=60, what="the cut submit to return")
 
     assert isinstance(submit.error, TransferError), submit.error or submit.result
