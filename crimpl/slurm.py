@@ -272,8 +272,7 @@ class RemoteSlurmServer(RemoteThreadServer):
         if outcome == "running":
             raise JobError(f"job {name} is still queued or running: kill it before resubmitting")
         if outcome == "missing":
-            raise JobError(f"job {name} on {self} was never completely uploaded: "
-                           f"submit it again with job_name={name!r}")
+            raise self._never_uploaded(name)
         raise JobError(f"submitting job {name} to Slurm gave an unexpected answer: {outcome!r}")
 
     def _read_statuses(self, conn, names=None) -> dict:

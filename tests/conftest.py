@@ -6,7 +6,7 @@ import boto3
 import pytest
 
 from sandbox import (SSH_CIDRS, MotoServer, Sshd, SSHRoutes, instance_addresses, instance_host_key,
-                     make_client_key)
+                     make_client_key, start_pinned_sshd)
 
 from crimpl.config import AWSEC2_Config
 
@@ -40,6 +40,32 @@ def aws(moto_server, monkeypatch):
     for name, value in moto_server.environ().items():
         monkeypatch.setenv(name, value)
     return moto_server
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    """One sshd on a loopback port for a test module, with a pinned ed25519 host key."""
+    server = start_pinned_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def connect(sshd):
+    """Return a factory of fresh, unopened fabric Connections to ``sshd`` that verify its host key."""
+    from crimpl import hostkeys, ssh
+
+    opened = []
+
+    def make():
+        conn = ssh.connection("127.0.0.1", getpass.getuser(), sshd.client_key, "test-sshd",
+                              expected_key=hostkeys.key_from_line(sshd.host_public), port=sshd.port)
+        opened.append(conn)
+        return conn
+
+    yield make
+    for conn in opened:
+        conn.close()
 
 
 @pytest.fixture

@@ -344,6 +344,22 @@ class Sshd:
             self.log.close()
 
 
+def start_pinned_sshd(workdir, sshd_class=Sshd):
+    """Start an sshd in ``workdir`` with a new login key and ed25519 host key.
+
+    The returned server carries ``client_key`` (the login key's path) and
+    ``host_public`` (the host key's public line, to pin).
+    """
+    from crimpl.hostkeys import generate_host_key
+
+    key = make_client_key(workdir)
+    private, public = generate_host_key()
+    server = sshd_class(workdir / "sshd", private, key.with_suffix(".pub").read_text()).start()
+    server.client_key = key
+    server.host_public = public
+    return server
+
+
 class SSHRoutes:
     """An OpenSSH config file that routes instance addresses to loopback sshd ports.
 

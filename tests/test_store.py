@@ -6,7 +6,6 @@ hashes, with the mtime and mode its name records: :func:`assert_store_intact`.
 """
 
 import contextlib
-import getpass
 import hashlib
 import os
 import re
@@ -19,12 +18,10 @@ import pytest
 
 import crimpl
 from cli_helper import run_cli
-from crimpl import hostkeys, ssh, transfer
+from crimpl import transfer
 from crimpl.errors import JobError, TransferError
-from crimpl.hostkeys import generate_host_key
 from crimpl.transfer import store as objects
-from sandbox import (Background, Sshd, kill_sessions, make_client_key, processes_with, session_pids,
-                     wait_until)
+from sandbox import Background, kill_sessions, processes_with, session_pids, wait_until
 
 OBJECT_NAME = re.compile(r"[0-9a-f]{64}_-?[0-9]+_[0-7]+")
 
@@ -47,35 +44,6 @@ def target(request, tmp_path):
     if request.param == "local":
         return crimpl.Local(root=tmp_path / "local")
     return request.getfixturevalue("ec2_server")
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    """One sshd for the transfer-level tests, with a pinned host key."""
-    workdir = tmp_path_factory.mktemp("store-sshd")
-    key = make_client_key(workdir)
-    private, public = generate_host_key()
-    server = Sshd(workdir / "sshd", private, key.with_suffix(".pub").read_text()).start()
-    server.client_key = key
-    server.host_public = public
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def connect(sshd):
-    """A factory of fresh fabric Connections to the module's sshd."""
-    made = []
-
-    def make():
-        conn = ssh.connection("127.0.0.1", getpass.getuser(), sshd.client_key, "store-sshd",
-                              expected_key=hostkeys.key_from_line(sshd.host_public), port=sshd.port)
-        made.append(conn)
-        return conn
-
-    yield make
-    for conn in made:
-        conn.close()
 
 
 def make_inputs(root, nfiles=30, tag=""):

@@ -5,7 +5,6 @@ directly on disk. Every test that makes sense for both targets runs twice: over
 SSH (a fabric Connection with the host key pinned) and with an invoke.Context.
 """
 
-import getpass
 import hashlib
 import json
 import os
@@ -19,26 +18,12 @@ from pathlib import Path
 import invoke
 import pytest
 
-from crimpl import hostkeys, ssh, transfer
+from crimpl import transfer
 from crimpl.errors import TransferError
-from crimpl.hostkeys import generate_host_key
-from sandbox import Sshd, kill_sessions, make_client_key, session_pids, wait_until
+from sandbox import kill_sessions, session_pids, wait_until
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    """One sshd on a loopback port for this module, with a pinned ed25519 host key."""
-    workdir = tmp_path_factory.mktemp("transfer-sshd")
-    key = make_client_key(workdir)
-    private, public = generate_host_key()
-    server = Sshd(workdir / "sshd", private, key.with_suffix(".pub").read_text()).start()
-    server.client_key = key
-    server.host_public = public
-    yield server
-    server.stop()
 
 
 def cut_after_first_mib(conn, how, sshd):
@@ -55,22 +40,6 @@ def cut_after_first_mib(conn, how, sshd):
                 kill_sessions(sshd)
 
     return interrupt
-
-
-@pytest.fixture
-def connect(sshd):
-    """Return a factory of fresh, unopened fabric Connections that verify the host key."""
-    opened = []
-
-    def make():
-        conn = ssh.connection("127.0.0.1", getpass.getuser(), sshd.client_key, "test-sshd",
-                              expected_key=hostkeys.key_from_line(sshd.host_public), port=sshd.port)
-        opened.append(conn)
-        return conn
-
-    yield make
-    for conn in opened:
-        conn.close()
 
 
 @pytest.fixture(params=["ssh", "local"])

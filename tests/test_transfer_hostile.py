@@ -6,28 +6,21 @@ be written outside the destination, not even an mtime changed, and every failure
 is one line, never a traceback or a hang.
 """
 
-import getpass
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from crimpl import hostkeys, ssh, transfer
+from crimpl import transfer
 from crimpl.errors import TransferError
-from crimpl.hostkeys import generate_host_key
 from hostile import LyingSshd, climbing_links, entry, tar_bytes, tree_state
-from sandbox import make_client_key
+from sandbox import start_pinned_sshd
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One lying sshd for this module."""
-    workdir = tmp_path_factory.mktemp("lying-sshd")
-    key = make_client_key(workdir)
-    private, public = generate_host_key()
-    sshd = LyingSshd(workdir / "sshd", private, key.with_suffix(".pub").read_text()).start()
-    sshd.client_key = key
-    sshd.host_public = public
+    sshd = start_pinned_sshd(tmp_path_factory.mktemp("lying-sshd"), LyingSshd)
     yield sshd
     sshd.stop()
 
@@ -39,20 +32,10 @@ def lying(server):
     server.tell_the_truth()
 
 
-@pytest.fixture
-def connect(server):
-    """A factory of fresh fabric Connections to the lying sshd, host key pinned."""
-    opened = []
-
-    def make():
-        conn = ssh.connection("127.0.0.1", getpass.getuser(), server.client_key, "lying-sshd",
-                              expected_key=hostkeys.key_from_line(server.host_public), port=server.port)
-        opened.append(conn)
-        return conn
-
-    yield make
-    for conn in opened:
-        conn.close()
+@pytest.fixture(scope="module")
+def sshd(server):
+    """The lying sshd is the one that conftest's ``connect`` connects to."""
+    return server
 
 
 @pytest.fixture

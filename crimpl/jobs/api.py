@@ -474,6 +474,10 @@ class JobsMixin:
     def _exists(self, name):
         return JobError(f"a job named {name} already exists on {self}; choose another job_name")
 
+    def _never_uploaded(self, name):
+        return JobError(f"job {name} on {self} was never completely uploaded: "
+                        f"submit it again with job_name={name!r}")
+
     def _busy(self, other):
         return JobError(f"another job is running on {self}: {other}; wait for it, kill it, "
                         "or pass allow_concurrent=True (--allow-concurrent)")
@@ -493,8 +497,7 @@ class JobsMixin:
         if outcome == "running":
             raise JobError(f"job {name} is still running: kill it before resubmitting")
         if outcome == "missing":
-            raise JobError(f"job {name} on {self} was never completely uploaded: "
-                           f"submit it again with job_name={name!r}")
+            raise self._never_uploaded(name)
         raise JobError(f"another submit to {self} holds {self.job_root}/jobs/{protocol.LOCK} "
                        f"(process {detail}); try again, or remove that folder if no submit is running")
 
