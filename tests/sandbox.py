@@ -693,8 +693,9 @@ def main(argv=None):
         if args.stack_file:
             rest += ["--stack-file", str(Path(args.stack_file).resolve())]
         start_in_background(rest, directory)
+        folder = "" if directory == Path(parser.get_default("dir")).resolve() else f" --folder {directory}"
         print(f"sandbox ready for {args.minutes:g} min: . {directory / 'env.sh'}; "
-              f"stop it with `invoke sandbox --stop`", flush=True)
+              f"stop it with `invoke sandbox --stop{folder}`", flush=True)
         return
     serve_forever(directory, args.minutes, args.stack_file)
 

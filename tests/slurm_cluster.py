@@ -9,6 +9,7 @@ stopped by their pid. It runs as root (``SlurmUser=root``), which the test
 machine is; no cgroups are needed (``proctrack/linuxproc``, ``task/none``).
 """
 
+import ctypes
 import os
 import shutil
 import signal
@@ -29,6 +30,16 @@ def missing_programs() -> list[str]:
     """The programs the cluster needs that are not installed."""
     wanted = ["munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel"]
     return [p for p in wanted if not (shutil.which(p) or Path("/usr/sbin", p).exists())]
+
+
+def _die_with_parent():
+    """Run in the child before exec: SIGTERM it when the test process that started it dies.
+
+    The fixture stops the daemons by pid at the end of the session; this covers a pytest that is
+    killed instead (a timeout, Ctrl-C twice), which would otherwise leave them running.
+    """
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _program(name):
@@ -108,7 +119,7 @@ class SlurmCluster:
         log = open(self.dir / f"{name}.out", "ab")
         self.processes[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                                 stdin=subprocess.DEVNULL, env=env, cwd=self.dir,
-                                                start_new_session=True)
+                                                start_new_session=True, preexec_fn=_die_with_parent)
         log.close()
 
     def _check_alive(self):

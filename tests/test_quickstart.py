@@ -142,7 +142,7 @@ def test_the_local_stack_runs_the_same_job_with_no_account(project, tmp_path):
     assert "going down" in followed.stdout
     assert followed.stderr.strip().endswith("failed (exit code 5)")
     refused = run("stop")
-    assert refused.returncode == 3  # ExitStatus.AWS: a server state that refuses the action
+    assert refused.returncode == 2  # ExitStatus.CONFIG: as for an SSH host, a server crimpl does not manage
     assert refused.stderr.strip() == "crimpl: error: the local target is this machine: crimpl never stops it"
 
 
@@ -221,6 +221,8 @@ def test_the_readme_sandbox_block_works_twice_in_a_row_and_stops_cleanly(user_sh
         assert result.returncode == 0, out
         assert "Traceback" not in out
         assert "sandbox ready" in out and "launched" in out and "72 words in 3 files" in out, out
+        # The stop command it prints stops this sandbox, not the default folder's.
+        assert f"invoke sandbox --stop --folder {user_shell.folder.resolve()}`" in out, out
         assert "terminated" in out and "sandbox stopped" in out, out
         assert (user_shell.project / "results" / "summary.txt").read_text() == "72 words in 3 files\n"
         (user_shell.project / "results").rename(user_shell.project / f"results-{attempt}")
