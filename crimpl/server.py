@@ -460,11 +460,11 @@ class Local(JobsMixin):
 
     def stop(self, wait=True):
         """Refused: crimpl never stops this machine."""
-        raise InstanceStateError("the local target is this machine: crimpl never stops it")
+        raise ConfigError("the local target is this machine: crimpl never stops it")
 
     def terminate(self, wait=True):
         """Refused: crimpl never terminates this machine."""
-        raise InstanceStateError("the local target is this machine: crimpl never terminates it")
+        raise ConfigError("the local target is this machine: crimpl never terminates it")
 
 
 # ---------------------------------------------------------------------------
