@@ -457,17 +457,20 @@ class LoopbackHTTPServer:
         self.thread.join(10)
 
 
-class CheckIP(LoopbackHTTPServer):
-    """A loopback stand-in for checkip.amazonaws.com: answers every GET with ``body``."""
+class StaticHTTPServer(LoopbackHTTPServer):
+    """Answers a GET of ``path`` (every path when None) with ``body``, others with 404; records the paths asked."""
 
-    def __init__(self, body="127.0.0.1\n"):
+    def __init__(self, body: str | bytes, path: str | None = None):
         import http.server
 
-        data = body.encode()
+        data = body.encode() if isinstance(body, str) else body
+        self.paths = []
+        served = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - http.server's naming
-                self.send_response(200)
+                served.paths.append(self.path)
+                self.send_response(200 if path in (None, self.path) else 404)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -476,6 +479,13 @@ class CheckIP(LoopbackHTTPServer):
                 pass
 
         super().__init__(Handler)
+
+
+class CheckIP(StaticHTTPServer):
+    """A loopback stand-in for checkip.amazonaws.com: answers every GET with ``body``."""
+
+    def __init__(self, body="127.0.0.1\n"):
+        super().__init__(body)
         self.url += "/"
 
 

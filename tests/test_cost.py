@@ -4,14 +4,13 @@ crimpl's own log records the launch, stops, starts and terminate it makes; the c
 it records them with is fixed here, so the running hours and the cost are exact.
 """
 
-import http.server
 import json
 import stat
 from datetime import datetime, timedelta, timezone
 
 import pytest
 from cli_helper import run_cli
-from sandbox import LoopbackHTTPServer, free_port
+from sandbox import StaticHTTPServer, free_port
 
 import crimpl
 from crimpl import cost, pricing
@@ -33,13 +32,19 @@ def clock(monkeypatch):
     return fixed
 
 
-def _walk(config, clock, name):
-    """Launch at 0 h, stop at 2 h, start at 5 h, terminate at 6 h: 3 running hours, 6 hours of disk."""
+def _launched_and_stopped(config, clock, name):
+    """Launch at 0 h, stop at 2 h, and set the clock to 5 h."""
     clock.at(0)
     server = crimpl.AWSEC2.new(config, nprocs=2, server_name=name)
     clock.at(2)
     server.stop()
     clock.at(5)
+    return server
+
+
+def _walk(config, clock, name):
+    """Launch at 0 h, stop at 2 h, start at 5 h, terminate at 6 h: 3 running hours, 6 hours of disk."""
+    server = _launched_and_stopped(config, clock, name)
     server.start()
     clock.at(6)
     server.terminate()
@@ -141,11 +146,7 @@ def test_crimpl_cost_lists_servers_total_and_says_it_is_an_estimate(aws, config,
 
 def _stopped_after_two_hours(config, clock, name):
     """Launch at 0 h, stop at 2 h, look at 5 h: its cost so far is 2 running hours and 5 hours of disk."""
-    clock.at(0)
-    server = crimpl.AWSEC2.new(config, nprocs=2, server_name=name)
-    clock.at(2)
-    server.stop()
-    clock.at(5)
+    server = _launched_and_stopped(config, clock, name)
     expected = 2 * pricing.hourly_price(server.instance_type) + \
         config.VolumeSize * 5 / pricing.HOURS_PER_MONTH * pricing.GP3_USD_PER_GIB_MONTH
     return server, f"${expected:.2f}"
@@ -204,31 +205,9 @@ def _bulk_file(c6a_large, gp3, published="2030-01-15T00:00:00Z"):
     }
 
 
-class PriceFile(LoopbackHTTPServer):
-    """Serves ``body`` at ``/index.json``; records the paths asked for."""
-
-    def __init__(self, body):
-        data = json.dumps(body).encode()
-        self.paths = []
-        served = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's naming
-                served.paths.append(self.path)
-                self.send_response(200 if self.path == "/index.json" else 404)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(Handler)
-
-
 @pytest.fixture
 def price_file(monkeypatch):
-    served = PriceFile(_bulk_file("0.5", "0.25"))
+    served = StaticHTTPServer(json.dumps(_bulk_file("0.5", "0.25")), path="/index.json")
     monkeypatch.setenv(pricing.URL_ENV, f"{served.url}/index.json")
     yield served
     served.stop()
@@ -276,7 +255,7 @@ def test_prices_refresh_offline_is_a_one_line_error_and_keeps_the_table(aws, mon
 
 
 def test_a_file_without_ec2_prices_is_refused(monkeypatch):
-    served = PriceFile({"products": {}, "terms": {"OnDemand": {}}})
+    served = StaticHTTPServer(json.dumps({"products": {}, "terms": {"OnDemand": {}}}), path="/index.json")
     try:
         with pytest.raises(crimpl.CrimplError, match="has no on-demand Linux instance prices"):
             pricing.refresh(url=f"{served.url}/index.json")
