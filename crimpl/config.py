@@ -15,6 +15,7 @@ instance from it, so the two cannot drift.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -180,10 +181,23 @@ def public_key_of(key_file: str | os.PathLike) -> str:
 # ---------------------------------------------------------------------------
 # The one instance spec
 
+#: The instance tag holding a node's rank, ``0`` to ``N-1``; an instance without it is rank 0.
+NODE_RANK_TAG = "crimpl:node-rank"
+#: The instance tag naming the placement group crimpl created for the server (destroy deletes it).
+PLACEMENT_TAG = "crimpl:placement-group"
+#: The instance tag holding the public host key(s) to accept: :data:`crimpl.hostkeys.HOST_KEY_TAG`,
+#: written here too because importing that module costs paramiko.
+HOST_KEY_TAG = "crimpl:host-key"
+
 
 @dataclass(frozen=True)
 class InstanceSpec:
-    """Everything that defines one crimpl instance, whichever provisioner creates it."""
+    """Everything that defines one crimpl instance, whichever provisioner creates it.
+
+    A server of ``nnodes`` nodes is one spec: the fields describe rank 0, and
+    :meth:`node` returns the spec of another rank (its own host key, user data
+    and ``crimpl:node-rank`` tag; everything else is the same).
+    """
 
     server_name: str
     instance_type: str
@@ -201,6 +215,30 @@ class InstanceSpec:
     spot: bool = False
     region: str | None = None
     shutdown_behavior: str = "stop"
+    nnodes: int = 1
+    placement: str | None = None  # "cluster": the nodes go in placement_group_name
+    rank: int = 0
+    #: Per rank: the user data (it carries that rank's host private key) and the public host key.
+    node_user_data: tuple[str, ...] = field(default=(), repr=False)
+    node_host_keys: tuple[str, ...] = ()
+
+    def node(self, rank: int) -> InstanceSpec:
+        """Return the spec of node ``rank`` (0 to ``nnodes - 1``).
+
+        :raises ConfigError: for a rank the server does not have.
+        """
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < len(self.node_host_keys):
+            raise ConfigError(f"{self.server_name} has nodes 0 to {self.nnodes - 1}, not {rank!r}")
+        public = self.node_host_keys[rank]
+        return dataclasses.replace(
+            self, rank=rank, user_data=self.node_user_data[rank], host_public_key=public,
+            tags={**self.tags, HOST_KEY_TAG: public, NODE_RANK_TAG: str(rank)},
+        )
+
+    @property
+    def nodes(self) -> tuple[InstanceSpec, ...]:
+        """The spec of every node, rank 0 first."""
+        return tuple(self.node(rank) for rank in range(self.nnodes))
 
     @property
     def key_pair_name(self) -> str:
@@ -211,6 +249,11 @@ class InstanceSpec:
     def security_group_name(self) -> str:
         """Name of the SSH security group crimpl creates when none is given."""
         return f"crimpl-{self.server_name}-ssh"
+
+    @property
+    def placement_group_name(self) -> str | None:
+        """Name of the placement group crimpl creates for ``placement``; None without one."""
+        return f"crimpl-{self.server_name}-{self.placement}" if self.placement else None
 
 
 #: Canonical's AWS account, which publishes the official Ubuntu images.
@@ -234,9 +277,59 @@ def crimpl_tags(server_name: str, host_public_key: str, username: str,
         "crimpl:name": server_name,
         "crimpl:version": __version__,
         "crimpl:user": username,
-        "crimpl:host-key": host_public_key,
+        HOST_KEY_TAG: host_public_key,
     })
     return tags
+
+
+def node_host_key(host_key: tuple[str, str], rank: int) -> tuple[str, str]:
+    """Return the ed25519 host key of node ``rank`` as ``(private_openssh_pem, public_line)``.
+
+    Rank 0's is ``host_key`` itself; another rank's is derived from it (HKDF-SHA256
+    of its private key, per rank), so a stack keeps one secret (``crimpl:hostKey``)
+    however many nodes it has, and every run of the Pulumi program renders the
+    same user data. Each node still has its own key, pinned by its own instance id.
+    """
+    if rank == 0:
+        return host_key
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    base = serialization.load_ssh_private_key(host_key[0].encode(), password=None)
+    secret = base.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=f"crimpl node-rank {rank}".encode()).derive(secret)
+    key = Ed25519PrivateKey.from_private_bytes(seed)
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH).decode()
+    return _openssh_private_pem(seed, key.public_key().public_bytes_raw()), public
+
+
+def _openssh_private_pem(seed: bytes, public: bytes) -> str:
+    """Return the unencrypted OpenSSH private key file of an ed25519 key, the same bytes every time.
+
+    ``cryptography`` writes the format's two "check" integers at random, which would
+    change the user data of every node at every run of the Pulumi program; here they
+    are taken from the key (they only tell a wrong passphrase, and there is none).
+    """
+    import base64
+    import hashlib
+    import struct
+    import textwrap
+
+    def string(data):
+        return struct.pack(">I", len(data)) + data
+
+    key_type = b"ssh-ed25519"
+    check = hashlib.sha256(seed).digest()[:4]
+    private = check + check + string(key_type) + string(public) + string(seed + public) + string(b"")
+    private += bytes(range(1, 1 + (-len(private) % 8)))  # the format's padding: 1, 2, 3, ...
+    blob = (b"openssh-key-v1\0" + string(b"none") + string(b"none") + string(b"") + struct.pack(">I", 1)
+            + string(string(key_type) + string(public)) + string(private))
+    body = "\n".join(textwrap.wrap(base64.b64encode(blob).decode(), 70))
+    return f"-----BEGIN OPENSSH PRIVATE KEY-----\n{body}\n-----END OPENSSH PRIVATE KEY-----\n"
 
 
 def build_spec(config: AWSEC2_Config, *, nprocs: int | None = None, server_name: str | None = None,
@@ -264,21 +357,26 @@ def build_spec(config: AWSEC2_Config, *, nprocs: int | None = None, server_name:
     elif nprocs is not None:
         # Still reject a nonsensical nprocs, but not one beyond the table: the type is the user's choice.
         pricing.check_nprocs(nprocs)
-    private, public = host_key or generate_host_key()
+    host_key = host_key or generate_host_key()
     autostop = parse_duration("autostop", config.autostop) if config.autostop else 0
     lifetime = parse_duration("max_lifetime", config.max_lifetime) if config.max_lifetime else 0
     cidrs = check_ssh_cidrs("ssh_cidrs", ssh_cidrs) if ssh_cidrs else (config.ssh_cidrs or ())
+    extra = watchdog.cloud_config(config.username, config.remote_dir, config.shutdown_command,
+                                  autostop=autostop, lifetime=lifetime, down=config.autostop_down,
+                                  spot=config.spot)
+    keys = [node_host_key(host_key, rank) for rank in range(config.nnodes)]
+    user_data = tuple(cloud_init_user_data(private, public, extra) for private, public in keys)
+    public = keys[0][1]
     return InstanceSpec(
         server_name=server_name,
         instance_type=chosen_type,
         username=config.username,
         volume_size=config.VolumeSize,
-        user_data=cloud_init_user_data(private, public, watchdog.cloud_config(
-            config.username, config.remote_dir, config.shutdown_command, autostop=autostop,
-            lifetime=lifetime, down=config.autostop_down, spot=config.spot)),
+        user_data=user_data[0],
         host_public_key=public,
         tags={**crimpl_tags(server_name, public, config.username, config.tags),
-              **watchdog.tags(autostop, lifetime, config.autostop_down)},
+              **watchdog.tags(autostop, lifetime, config.autostop_down), NODE_RANK_TAG: "0",
+              **({PLACEMENT_TAG: f"crimpl-{server_name}-{config.placement}"} if config.placement else {})},
         image_id=config.ImageId,
         key_name=config.KeyName,
         public_key=None if config.KeyName else public_key_of(config.KeyFile),
@@ -289,6 +387,10 @@ def build_spec(config: AWSEC2_Config, *, nprocs: int | None = None, server_name:
         region=config.region,
         # What the watchdog's shutdown does; a job's on_complete sets it again for that job.
         shutdown_behavior="terminate" if config.autostop_down else "stop",
+        nnodes=config.nnodes,
+        placement=config.placement,
+        node_user_data=user_data,
+        node_host_keys=tuple(public for _, public in keys),
     )
 
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
-from .config import UBUNTU_NAME_PATTERN, UBUNTU_OWNER, InstanceSpec
+from .config import HOST_KEY_TAG, NODE_RANK_TAG, PLACEMENT_TAG, UBUNTU_NAME_PATTERN, UBUNTU_OWNER, InstanceSpec
 from .errors import AWSError, ConfigError, InstanceNotFoundError, InstanceStateError
 from .log import warn
 
@@ -34,7 +34,7 @@ LIVE_STATES = ("pending", "running", "stopping", "stopped")
 #: Poll every 1.5 s: boto3's own waiters poll every 15 s, far too slow for an interactive tool.
 POLL_INTERVAL = 1.5
 DEFAULT_TIMEOUT = 600.0
-#: How many client tokens one launch tries before giving up (see :func:`launch`).
+#: How many client tokens one launch tries before giving up (see :func:`launch_nodes`).
 TOKEN_ATTEMPTS = 8
 #: Seconds to wait for the instance of another `up` that holds our client token to be listed.
 TOKEN_WAIT = 15.0
@@ -205,6 +205,27 @@ def _launch_order(instance):
     return instance["LaunchTime"], instance["InstanceId"]
 
 
+def rank_of(instance: dict) -> int:
+    """Return an instance's node rank (its ``crimpl:node-rank`` tag); 0 without one.
+
+    Instances launched before crimpl had nodes carry no rank tag: each was the one node of its server.
+    """
+    value = tags_of(instance).get(NODE_RANK_TAG, "0")
+    return int(value) if value.isdigit() else 0
+
+
+def find_nodes(ec2: Any, name: str) -> list[dict]:
+    """Return the live nodes of the server ``name``, one per rank, sorted by rank.
+
+    A rank held by several instances (two `up` at the same moment, before
+    :func:`settle` ended the extra one) is its first launched, as :func:`settle` keeps it.
+    """
+    nodes = {}
+    for instance in find_instances(ec2, name, states=LIVE_STATES):
+        nodes.setdefault(rank_of(instance), instance)
+    return [nodes[rank] for rank in sorted(nodes)]
+
+
 def describe(ec2: Any, instance_id: str) -> dict:
     """Return the EC2 description of ``instance_id``.
 
@@ -278,6 +299,8 @@ def run_instances_params(spec: InstanceSpec, image_id: str, key_name: str,
     }
     if spec.subnet_id:
         params["SubnetId"] = spec.subnet_id
+    if spec.placement_group_name:
+        params["Placement"] = {"GroupName": spec.placement_group_name}
     if security_group_ids:
         params["SecurityGroupIds"] = list(security_group_ids)
     if spec.spot:
@@ -383,10 +406,11 @@ def _is_ours(tags, server_name):
 def ensure_security_group(ec2: Any, spec: InstanceSpec, cidrs: Iterable[str]) -> str:
     """Return the security group id for ``spec``: the named one, or crimpl's SSH-only group.
 
-    crimpl's group allows TCP 22 from ``cidrs`` only and nothing else in. A group
-    of that name that already exists is checked before it is used: any rule but
-    TCP 22 is refused; TCP 22 from other networks is removed when crimpl made the
-    group for this server, and refused otherwise.
+    crimpl's group lets in TCP 22 from ``cidrs`` and, from the members of the
+    group itself (the server's nodes), everything (:func:`self_permission`);
+    nothing else. A group of that name that already exists is checked before it
+    is used: any other rule is refused; TCP 22 from other networks is removed
+    when crimpl made the group for this server, and refused otherwise.
 
     :raises ConfigError: if an existing group of crimpl's name lets in more than that.
     """
@@ -406,7 +430,7 @@ def ensure_security_group(ec2: Any, spec: InstanceSpec, cidrs: Iterable[str]) ->
                     VpcId=vpc_id,
                     TagSpecifications=[{"ResourceType": "security-group", "Tags": _crimpl_only_tags(spec)}],
                 )["GroupId"]
-                missing = cidrs
+                missing, needs_self = cidrs, True
             except bx.ClientError as exc:
                 if error_code(exc) != "InvalidGroup.Duplicate":
                     raise
@@ -414,11 +438,12 @@ def ensure_security_group(ec2: Any, spec: InstanceSpec, cidrs: Iterable[str]) ->
                 group = _find_group(ec2, spec, vpc_id)
         if group is not None:
             group_id = group["GroupId"]
-            missing = _check_adopted_group(ec2, spec, group, cidrs)
-        if missing:
+            missing, needs_self = _check_adopted_group(ec2, spec, group, cidrs)
+        # One rule per call: EC2 refuses the whole call when one of its rules exists already.
+        for permission in ([ssh_permission(missing)] if missing else []) + \
+                ([self_permission(group_id)] if needs_self else []):
             try:
-                ec2.authorize_security_group_ingress(GroupId=group_id,
-                                                     IpPermissions=[ssh_permission(missing)])
+                ec2.authorize_security_group_ingress(GroupId=group_id, IpPermissions=[permission])
             except bx.ClientError as exc:
                 if error_code(exc) != "InvalidPermission.Duplicate":  # added by a concurrent `up`
                     raise
@@ -434,10 +459,14 @@ def _find_group(ec2, spec, vpc_id):
 
 
 def _check_adopted_group(ec2, spec, group, cidrs):
-    """Return the ``cidrs`` the existing ``group`` lacks; raise if it lets in anything else."""
+    """Return ``(cidrs the existing group lacks, whether it lacks the rule between its members)``;
+    raise if it lets in anything else."""
     group_id, name = group["GroupId"], group["GroupName"]
-    have, extra, foreign = set(), [], []
+    have, extra, foreign, has_self = set(), [], [], False
     for rule in group.get("IpPermissions", []):
+        if _is_self_rule(rule, group_id):
+            has_self = True
+            continue
         sources = ([r["CidrIp"] for r in rule.get("IpRanges", [])]
                    + [r["CidrIpv6"] for r in rule.get("Ipv6Ranges", [])])
         is_ssh = (rule.get("IpProtocol"), rule.get("FromPort"), rule.get("ToPort")) == ("tcp", 22, 22)
@@ -463,7 +492,24 @@ def _check_adopted_group(ec2, spec, group, cidrs):
         # crimpl's own group from an earlier run: those were the caller's addresses then.
         warn(f"security group {name}: no longer letting SSH in from {', '.join(extra)}")
         ec2.revoke_security_group_ingress(GroupId=group_id, IpPermissions=[ssh_permission(extra)])
-    return [c for c in cidrs if c not in have]
+    return [c for c in cidrs if c not in have], not has_self
+
+
+def _is_self_rule(rule, group_id):
+    """Is ``rule`` exactly :func:`self_permission`: every protocol, from the group itself only?"""
+    pairs = rule.get("UserIdGroupPairs") or []
+    return (rule.get("IpProtocol") == "-1" and len(pairs) == 1 and pairs[0].get("GroupId") == group_id
+            and not rule.get("IpRanges") and not rule.get("Ipv6Ranges") and not rule.get("PrefixListIds"))
+
+
+def self_permission(group_id: str) -> dict[str, Any]:
+    """Return the rule that lets the server's nodes talk to each other: everything from ``group_id``.
+
+    Its source is the group itself, so only instances in the group (the nodes of
+    the server) are let in, on their private addresses; it opens nothing to any network.
+    """
+    return {"IpProtocol": "-1",
+            "UserIdGroupPairs": [{"GroupId": group_id, "Description": "crimpl: between the nodes of the server"}]}
 
 
 def ssh_permission(cidrs: Iterable[str]) -> dict[str, Any]:
@@ -491,100 +537,157 @@ def _vpc_of(ec2, subnet_id):
 
 
 def _crimpl_only_tags(spec):
-    return [{"Key": k, "Value": v} for k, v in spec.tags.items() if k != "crimpl:host-key"]
+    """The tags of what crimpl creates besides the instances: without a node's host key and rank."""
+    return [{"Key": k, "Value": v} for k, v in spec.tags.items() if k not in (HOST_KEY_TAG, NODE_RANK_TAG)]
 
 
-def client_token(server_name: str, gone: Iterable[str], attempt: int = 0, now: datetime | None = None) -> str:
-    """Return the ``ClientToken`` of a launch: the same for every `up` of one server at one time.
+def placement_group_params(spec: InstanceSpec) -> dict[str, Any]:
+    """Return the parameters of ``CreatePlacementGroup`` for ``spec`` (which has a ``placement``)."""
+    return {
+        "GroupName": spec.placement_group_name,
+        "Strategy": spec.placement,
+        "TagSpecifications": [{"ResourceType": "placement-group", "Tags": _crimpl_only_tags(spec)}],
+    }
+
+
+def ensure_placement_group(ec2: Any, spec: InstanceSpec) -> str | None:
+    """Create the placement group of ``spec`` unless it exists; return its name (None: no placement).
+
+    :raises AWSError: if EC2 refuses, or answers something that is not an EC2 answer
+        (an endpoint without placement groups).
+    """
+    if not spec.placement:
+        return None
+    import botocore.exceptions as bx
+    from botocore.parsers import ResponseParserError
+
+    name = spec.placement_group_name
+    with api_errors():
+        try:
+            ec2.create_placement_group(**placement_group_params(spec))
+        except bx.ClientError as exc:
+            if error_code(exc) != "InvalidPlacementGroup.Duplicate":  # an earlier or concurrent `up`
+                raise
+        except ResponseParserError as exc:
+            raise AWSError(f"EC2 gave no readable answer to creating placement group {name} "
+                           f"({str(exc).splitlines()[0]}): this endpoint may not support placement groups; "
+                           "leave out placement (crimpl:placement)") from exc
+    return name
+
+
+def client_token(server_name: str, gone: Iterable[str], attempt: int = 0, now: datetime | None = None,
+                 rank: int = 0) -> str:
+    """Return the ``ClientToken`` of a launch: the same for every `up` of one node of a server at one time.
 
     EC2 launches once per token: a second RunInstances with the same token (a
     retry, or another `up` at the same moment) gets the first one's instance or
     an ``IdempotentParameterMismatch``, never a second instance. A server
     launched again after a destroy needs a new token: ``gone`` (the ids of the
     name's terminated instances, which EC2 lists for about an hour) and the UTC
-    hour change it; ``attempt`` moves past a token EC2 still holds anyway.
+    hour change it; ``attempt`` moves past a token EC2 still holds anyway. Each
+    node ``rank`` has its own token: the nodes are separate launches.
     """
     hour = (now or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H")
-    parts = [server_name, hour, *sorted(gone), str(attempt)]
+    parts = [server_name, hour, *sorted(gone), str(attempt), f"rank {rank}"]
     return f"crimpl-{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:48]}"  # EC2 takes 64 characters
 
 
-def launch(ec2: Any, spec: InstanceSpec, cidrs: Iterable[str]) -> tuple[dict, bool]:
-    """Launch the one instance of ``spec``, even when another `up` launches it at the same moment.
+def launch_nodes(ec2: Any, spec: InstanceSpec, cidrs: Iterable[str],
+                 ranks: Iterable[int] | None = None) -> list[tuple[dict, bool]]:
+    """Launch nodes of ``spec``, each once, even when another `up` launches it at the same moment.
 
-    Two guards: a ``ClientToken`` derived from the server name (:func:`client_token`),
-    with which EC2 itself launches once; and :func:`settle` after the launch,
-    which keeps the oldest instance of the name and terminates the others, for
-    endpoints that do not honour the token (moto_server does not).
+    The key pair, security group and placement group are made once for all of
+    them. Two guards per node: a ``ClientToken`` derived from the server name
+    and the rank (:func:`client_token`), with which EC2 itself launches once;
+    and :func:`settle` after the launch, which keeps the oldest instance of
+    that rank and terminates the others, for endpoints that do not honour the
+    token (moto_server does not). Other ranks are never touched.
 
     :param cidrs: networks allowed to SSH when crimpl creates the security group.
-    :returns: ``(instance, launched)``: the server's instance as EC2 describes it,
-        and whether this call launched it (False: another `up` did).
+    :param ranks: the ranks to launch (default: all, ``0`` to ``spec.nnodes - 1``).
+    :returns: per rank, in the order given, ``(instance, launched)``: the node's instance
+        as EC2 describes it, and whether this call launched it (False: another `up` did).
     """
-    import botocore.exceptions as bx
-
     image_id = spec.image_id or newest_ubuntu_lts(ec2)
     key_name = ensure_key_pair(ec2, spec)
     group_id = ensure_security_group(ec2, spec, cidrs)
-    params = run_instances_params(spec, image_id, key_name, [group_id])
+    ensure_placement_group(ec2, spec)
     gone = [i["InstanceId"]
             for i in find_instances(ec2, spec.server_name, states=("shutting-down", "terminated"))]
+    nodes = [spec.node(rank) for rank in (range(spec.nnodes) if ranks is None else ranks)]
+    return [_launch_node(ec2, node, run_instances_params(node, image_id, key_name, [group_id]), gone)
+            for node in nodes]
+
+
+def _launch_node(ec2, spec, params, gone):
+    """Launch node ``spec.rank`` with ``params`` unless another `up` did; ``(instance, launched)``."""
+    import botocore.exceptions as bx
+
     for attempt in range(TOKEN_ATTEMPTS):
         mine = None
         with api_errors():
             try:
-                token = client_token(spec.server_name, gone, attempt)
+                token = client_token(spec.server_name, gone, attempt, rank=spec.rank)
                 mine = ec2.run_instances(**params, ClientToken=token)["Instances"][0]
             except bx.ClientError as exc:
                 if error_code(exc) != "IdempotentParameterMismatch":
                     raise
         if mine is not None and state_of(mine) in LIVE_STATES:
-            return settle(ec2, spec.server_name, mine)
+            return settle(ec2, spec.server_name, mine, rank=spec.rank)
         # The token is another `up`'s (adopt its instance, which EC2 may list only
         # a few seconds later) or one of long ago (try the next token).
         deadline = time.monotonic() + (TOKEN_WAIT if mine is None else 0)
         while True:
-            winner, _ = settle(ec2, spec.server_name)
+            winner, _ = settle(ec2, spec.server_name, rank=spec.rank)
             if winner is not None:
                 return winner, False
             if time.monotonic() >= deadline:
                 break
             time.sleep(POLL_INTERVAL)
-    raise AWSError(f"EC2 did not launch {spec.server_name}: every client token tried was taken; "
-                   "check `crimpl list` and run up again")
+    raise AWSError(f"EC2 did not launch node {spec.rank} of {spec.server_name}: every client token tried "
+                   "was taken; check `crimpl list` and run up again")
 
 
-def settle(ec2: Any, server_name: str, mine: dict | None = None) -> tuple[dict | None, bool]:
-    """Keep one live instance of ``server_name`` and terminate the others.
+def settle(ec2: Any, server_name: str, mine: dict | None = None, rank: int | None = None
+           ) -> tuple[dict | None, bool]:
+    """Keep one live instance of node ``rank`` of ``server_name`` and terminate that rank's others.
 
     The one kept is the first launched, ties to the lower id (as
     :func:`find_instances` orders them), so concurrent callers agree on it.
+    Instances of other ranks are never touched.
 
     :param mine: the instance this caller just launched (EC2 may not list it yet).
-    :returns: ``(kept, is_mine)``; ``kept`` is None when the name has no live instance.
+    :param rank: the node rank; default: ``mine``'s, else 0.
+    :returns: ``(kept, is_mine)``; ``kept`` is None when the rank has no live instance.
     """
-    live = find_instances(ec2, server_name, states=LIVE_STATES)
+    if rank is None:
+        rank = rank_of(mine) if mine is not None else 0
+    live = [i for i in find_instances(ec2, server_name, states=LIVE_STATES) if rank_of(i) == rank]
     if mine is not None and mine["InstanceId"] not in {i["InstanceId"] for i in live}:
         live = sorted([*live, mine], key=_launch_order)
     if not live:
         return None, False
     kept, extra = live[0], [i["InstanceId"] for i in live[1:]]
     if extra:
-        warn(f"{len(live)} instances carried the name {server_name} (launched at the same moment): "
+        warn(f"{len(live)} instances carried node {rank} of {server_name} (launched at the same moment): "
              f"keeping {kept['InstanceId']}, terminating {', '.join(extra)}")
         terminate(ec2, *extra)
     return kept, mine is not None and kept["InstanceId"] == mine["InstanceId"]
 
 
 def delete_created_resources(ec2: Any, server_name: str) -> list[str]:
-    """Delete the key pair and security group crimpl created for ``server_name``, if any.
+    """Delete the key pair, security group and placement group crimpl created for ``server_name``.
 
-    They are found by their tags, so they go even when no instance is left. The
-    security group can only go once no instance uses it; call this after the
-    instances are terminated.
+    The key pair and security group are found by their tags, so they go even
+    when no instance is left; the placement group is named by the
+    ``crimpl:placement-group`` tag of the server's instances (EC2 lists
+    terminated ones for about an hour). The groups can only go once no instance
+    uses them; call this after the instances are terminated.
 
     :returns: what was deleted, e.g. ``["key pair crimpl-x", "security group sg-... (crimpl-x-ssh)"]``.
     """
+    import botocore.exceptions as bx
+
     filters = [{"Name": f"tag:{NAME_TAG}", "Values": [server_name]},
                {"Name": f"tag:{MANAGED_TAG}", "Values": ["true"]}]
     removed = []
@@ -596,6 +699,15 @@ def delete_created_resources(ec2: Any, server_name: str) -> list[str]:
         for group in ec2.describe_security_groups(Filters=filters)["SecurityGroups"]:
             ec2.delete_security_group(GroupId=group["GroupId"])
             removed.append(f"security group {group['GroupId']} ({group['GroupName']})")
+        placements = {tags_of(i)[PLACEMENT_TAG] for i in find_instances(ec2, server_name, include_terminated=True)
+                      if PLACEMENT_TAG in tags_of(i)}
+        for name in sorted(placements):
+            try:
+                ec2.delete_placement_group(GroupName=name)
+                removed.append(f"placement group {name}")
+            except bx.ClientError as exc:
+                if error_code(exc) != "InvalidPlacementGroup.Unknown":  # deleted by an earlier run
+                    raise
     return removed
 
 

@@ -388,30 +388,46 @@ def up(settings: StackSettings, *, on_output: Callable[[str], Any] = print,
 
     A stack without ``crimpl:hostKey`` gets a new one, stored as a Pulumi secret.
     Without ``crimpl:sshCidrs`` or ``crimpl:securityGroupId``, SSH is allowed
-    from the caller's address (found now) for this run. After the update the
-    host key is pinned for the exported ``instanceId``.
+    from the caller's address (found now) for this run. After the update each
+    node's host key (:func:`~crimpl.config.node_host_key`) is pinned for its
+    exported instance id, and the pins of nodes the update removed are forgotten.
 
     :param on_output: called with each line of Pulumi's progress.
     :param yes: apply the changes; False only previews them and returns None.
-    :returns: the outputs (``instanceId``, ``publicIp``, ``privateIp``, ``username``, ``serverName``).
+    :returns: the outputs (``instanceId``, ``publicIp``, ``privateIp`` of rank 0; ``instanceIds``
+        and ``privateIps`` of every node, rank 0 first; ``username``, ``serverName``).
     :raises PulumiNotInstalledError: if the Pulumi CLI is missing.
     :raises StackError: if Pulumi fails; the message is Pulumi's error line.
     :raises ConfigError: if the caller's address cannot be found.
     """
-    from .hostkeys import pin, public_line_of
+    from .config import node_host_key
+    from .hostkeys import pin, public_line_of, unpin
 
     if not yes:
         preview(settings, on_output=on_output)
         return None
     with _open_stack(settings, create=True) as stack:
         host_private = _ensure_host_key(stack, settings)
+        with _pulumi_errors("stack output", settings):
+            before = _instance_ids(_plain_outputs(stack))
         with _ssh_cidrs_for_run(stack, settings), _pulumi_errors("up", settings):
             result = stack.up(on_output=on_output, show_secrets=False)
     values = {key: output.value for key, output in result.outputs.items()}
     if not values.get("instanceId"):
         raise StackError(f"pulumi up of stack {settings.name} exported no instanceId; run crimpl refresh")
-    pin(values["instanceId"], public_line_of(host_private))
+    host_key = (host_private, public_line_of(host_private))
+    after = _instance_ids(values)
+    for rank, instance_id in enumerate(after):
+        pin(instance_id, node_host_key(host_key, rank)[1])
+    for instance_id in set(before) - set(after):  # nodes `crimpl:nodes` no longer asks for, or replaced
+        unpin(instance_id)
     return values
+
+
+def _instance_ids(values):
+    """The instance id of every node, rank 0 first, from the stack outputs (a stack deployed
+    before crimpl had nodes exports ``instanceId`` only)."""
+    return values.get("instanceIds") or ([values["instanceId"]] if values.get("instanceId") else [])
 
 
 def preview(settings: StackSettings, *, on_output: Callable[[str], Any] = print) -> dict[str, int]:
@@ -427,7 +443,7 @@ def preview(settings: StackSettings, *, on_output: Callable[[str], Any] = print)
 
 
 def destroy(settings: StackSettings, *, on_output: Callable[[str], Any] = print, yes: bool = True) -> None:
-    """Delete the stack's server and what crimpl created for it; forget its host key.
+    """Delete the stack's server (every node) and what crimpl created for it; forget the host keys.
 
     :param yes: destroy; False only previews the deletion.
     :raises StackError: if the stack was never deployed or Pulumi fails.
@@ -436,10 +452,11 @@ def destroy(settings: StackSettings, *, on_output: Callable[[str], Any] = print,
 
     with _open_stack(settings, create=False) as stack:
         with _pulumi_errors("destroy", settings):
-            instance_id = _plain_outputs(stack).get("instanceId")
+            instance_ids = _instance_ids(_plain_outputs(stack))
             stack.destroy(on_output=on_output, show_secrets=False, preview_only=not yes)
-    if yes and instance_id:
-        unpin(instance_id)
+    if yes:
+        for instance_id in instance_ids:
+            unpin(instance_id)
 
 
 def refresh(settings: StackSettings, *, on_output: Callable[[str], Any] = print, yes: bool = True) -> None:

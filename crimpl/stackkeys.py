@@ -36,6 +36,10 @@ from .pricing import check_nprocs
 HOST_KEY_POLICIES = ("pinned", "accept-new")
 DEFAULT_VOLUME_SIZE = 20
 DEFAULT_SSH_TIMEOUT = 300.0
+#: The most nodes one server may have: a guard against a typo launching hundreds of instances.
+MAX_NODES = 64
+#: What ``placement`` may be: a cluster placement group (the nodes close together).
+PLACEMENTS = ("cluster",)
 #: The largest union of networks ``sshCidrs`` may open SSH to, per IP version, as a prefix length.
 MIN_SSH_PREFIX = {4: 8, 6: 32}
 
@@ -114,6 +118,18 @@ def _key_file(name, value):
 def _volume_size(name, value):
     if not 8 <= value <= 16384:
         raise ConfigError(f"{name} must be between 8 and 16384 GiB, got {value}")
+    return value
+
+
+def _nodes(name, value):
+    if not 1 <= value <= MAX_NODES:
+        raise ConfigError(f"{name} must be a whole number of nodes from 1 to {MAX_NODES}, got {value}")
+    return value
+
+
+def _placement(name, value):
+    if value not in PLACEMENTS:
+        raise ConfigError(f"{name} must be cluster (a cluster placement group) or left out, got {value!r}")
     return value
 
 
@@ -244,6 +260,10 @@ _KEYS = [
     StackKey("volumeSize", "root volume size in GiB", (int,), DEFAULT_VOLUME_SIZE, "VolumeSize",
              _volume_size),
     StackKey("instanceType", "instance type; overrides nprocs", field="InstanceType"),
+    StackKey("nodes", f"instances of the server, ranks 0 to N-1, that run each job together (1-{MAX_NODES})",
+             (int,), 1, "nnodes", _nodes),
+    StackKey("placement", "'cluster': launch the nodes in a cluster placement group (close together); "
+             "unset: none", field="placement", check=_placement),
     StackKey("tags", "extra tags for everything crimpl creates", (dict,), field="tags", check=_tags),
     StackKey("spot", "launch as a spot instance", (bool,), False, "spot"),
     StackKey("sshCidrs", "networks allowed to SSH, at most a /8 of IPv4 and a /32 of IPv6 in all; "

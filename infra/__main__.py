@@ -1,9 +1,10 @@
-"""crimpl's Pulumi program: one EC2 server for this stack.
+"""crimpl's Pulumi program: one EC2 server for this stack, of one node or several (``crimpl:nodes``).
 
 Stack config (``crimpl:`` keys, see Pulumi.example.yaml) -> the one instance spec
 of :func:`crimpl.config.build_spec`, shared with the boto3 path -> resources ->
-exports. Every resource mirrors :mod:`crimpl.ec2` (``run_instances_params``,
-``ensure_key_pair``, ``ensure_security_group``); tests/test_infra.py checks that.
+exports. Every resource mirrors :mod:`crimpl.ec2` (``run_instances_params`` per node,
+``ensure_key_pair``, ``ensure_security_group`` with ``self_permission``,
+``placement_group_params``); tests/test_infra.py checks that.
 """
 
 import re
@@ -12,6 +13,8 @@ import pulumi
 import pulumi_aws as aws
 
 from crimpl.config import (
+    HOST_KEY_TAG,
+    NODE_RANK_TAG,
     UBUNTU_NAME_PATTERN,
     UBUNTU_OWNER,
     build_spec,
@@ -75,8 +78,8 @@ if not spec.security_group_id and not spec.ssh_cidrs:
         "run pulumi config set --path 'crimpl:sshCidrs[0]' <your address>/32"
     )
 
-# Everything crimpl creates carries the instance's tags except its host key.
-resource_tags = {k: v for k, v in spec.tags.items() if k != "crimpl:host-key"}
+# Everything crimpl creates carries the instances' tags except a node's own host key and rank.
+resource_tags = {k: v for k, v in spec.tags.items() if k not in (HOST_KEY_TAG, NODE_RANK_TAG)}
 
 # --- Image -------------------------------------------------------------------
 # As crimpl.ec2.newest_ubuntu_lts: Canonical's amd64 server images, LTS releases
@@ -124,7 +127,7 @@ else:
     )
     key_name = key_pair.key_name
 
-# --- Security group: SSH from the owner's networks only -----------------------
+# --- Security group: SSH from the owner's networks only, and the nodes to each other ---
 
 if spec.security_group_id:
     security_group_id = spec.security_group_id
@@ -142,6 +145,13 @@ else:
             "cidr_blocks": [c for c in spec.ssh_cidrs if ":" not in c],
             "ipv6_cidr_blocks": [c for c in spec.ssh_cidrs if ":" in c],
             "description": "crimpl: SSH from the owner",
+        }, {
+            # As crimpl.ec2.self_permission: everything, but only from members of this group (the nodes).
+            "protocol": "-1",
+            "from_port": 0,
+            "to_port": 0,
+            "self": True,
+            "description": "crimpl: between the nodes of the server",
         }],
         # What AWS gives a new group; Pulumi would otherwise remove it.
         egress=[{"protocol": "-1", "from_port": 0, "to_port": 0, "cidr_blocks": ["0.0.0.0/0"]}],
@@ -149,16 +159,25 @@ else:
     )
     security_group_id = security_group.id
 
-# --- Instance ----------------------------------------------------------------
+# --- Placement group (crimpl:placement) ----------------------------------------
 
-instance = aws.ec2.Instance(
-    "server",
+placement_group = aws.ec2.PlacementGroup(
+    "placement",
+    name=spec.placement_group_name,
+    strategy=spec.placement,
+    tags=resource_tags,
+) if spec.placement else None
+
+# --- Instances: one per node, rank 0 named "server" as before nodes existed ---------
+
+instances = [aws.ec2.Instance(
+    "server" if node.rank == 0 else f"server-{node.rank}",
     ami=image_id,
     instance_type=spec.instance_type,
     key_name=key_name,
     subnet_id=spec.subnet_id,
     vpc_security_group_ids=[security_group_id],
-    user_data=pulumi.Output.secret(spec.user_data),  # carries the host private key
+    user_data=pulumi.Output.secret(node.user_data),  # carries the node's host private key
     instance_initiated_shutdown_behavior=spec.shutdown_behavior,
     root_block_device={"volume_size": spec.volume_size, "volume_type": "gp3", "delete_on_termination": True},
     metadata_options={"http_tokens": "required", "http_endpoint": "enabled"},
@@ -167,8 +186,9 @@ instance = aws.ec2.Instance(
         # Stoppable spot instances must be persistent and stop on interruption.
         "spot_options": {"instance_interruption_behavior": "stop", "spot_instance_type": "persistent"},
     } if spec.spot else None,
-    tags=spec.tags,
-    volume_tags=spec.tags,
+    placement_group=placement_group.name if placement_group else None,
+    tags=node.tags,
+    volume_tags=node.tags,
     # A looked-up image changes with every Canonical build; that must not replace the server.
     # crimpl replaces the user-data host key after the first connection and records the new
     # one in these tags (crimpl.hostkeys.rotate): `up` after a refresh must not put the old back.
@@ -177,12 +197,15 @@ instance = aws.ec2.Instance(
         f'{prop}["{tag}"]' for prop in ("tags", "tagsAll")
         for tag in (hostkeys.HOST_KEY_TAG, hostkeys.ROTATED_TAG, watchdog.AUTOSTOP_TAG)
     ]),
-)
+) for node in spec.nodes]
 
 # --- Exports -----------------------------------------------------------------
 
-pulumi.export("instanceId", instance.id)
-pulumi.export("publicIp", instance.public_ip)
-pulumi.export("privateIp", instance.private_ip)
+pulumi.export("instanceId", instances[0].id)
+pulumi.export("publicIp", instances[0].public_ip)
+pulumi.export("privateIp", instances[0].private_ip)
+# Per node, rank 0 first.
+pulumi.export("instanceIds", pulumi.Output.all(*(i.id for i in instances)))
+pulumi.export("privateIps", pulumi.Output.all(*(i.private_ip for i in instances)))
 pulumi.export("username", spec.username)
 pulumi.export("serverName", spec.server_name)

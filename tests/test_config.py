@@ -296,3 +296,66 @@ def test_saved_config_edited_by_hand_into_invalid_is_refused_on_load(key_file, c
 
     with pytest.raises(ConfigError, match="VolumeSize"):
         AWSEC2_Config.load("alpha")
+
+
+# -- nodes and placement ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, words", [
+    (0, "from 1 to 64, got 0"), (-1, "from 1 to 64, got -1"), (65, "from 1 to 64, got 65"),
+    ("x", "must be a int, got str 'x'"), (1.5, "must be a int, got float 1.5"), (True, "must be a int, got bool"),
+])
+def test_a_node_count_that_is_not_1_to_64_is_refused_naming_nnodes(key_file, value, words):
+    message = config_error(KeyFile=str(key_file), nnodes=value)
+    assert message.startswith("nnodes ") and words in message
+
+
+def test_placement_other_than_cluster_is_refused_naming_it(key_file):
+    assert config_error(KeyFile=str(key_file), placement="spread").startswith("placement must be cluster")
+
+
+def test_a_bad_node_count_given_to_new_is_refused_before_anything_launches(aws, key_file):
+    config = AWSEC2_Config(KeyFile=str(key_file), ssh_cidrs=SSH_CIDRS)
+    with pytest.raises(ConfigError, match=r"^nnodes must be a whole number of nodes from 1 to 64, got 0$"):
+        AWSEC2.new(config, nprocs=2, nnodes=0)
+    assert live_crimpl_instances() == []
+
+
+def test_each_node_of_the_spec_has_its_own_rank_host_key_and_user_data(key_file):
+    from crimpl.config import build_spec
+    from crimpl.hostkeys import generate_host_key
+    from sandbox import host_key_from_user_data
+
+    host_key = generate_host_key()
+    spec = build_spec(AWSEC2_Config(KeyFile=str(key_file), nnodes=3), nprocs=2, server_name="trio",
+                      host_key=host_key)
+    nodes = spec.nodes
+    assert [n.rank for n in nodes] == [0, 1, 2]
+    assert [n.tags["crimpl:node-rank"] for n in nodes] == ["0", "1", "2"]
+    assert nodes[0].user_data == spec.user_data and nodes[0].host_public_key == host_key[1]
+    for node in nodes:
+        private, public = host_key_from_user_data(node.user_data)
+        assert public == node.host_public_key == node.tags["crimpl:host-key"]
+        assert {k: v for k, v in node.tags.items() if k not in ("crimpl:host-key", "crimpl:node-rank")} == \
+            {k: v for k, v in spec.tags.items() if k not in ("crimpl:host-key", "crimpl:node-rank")}
+    assert len({n.host_public_key for n in nodes}) == 3
+    with pytest.raises(ConfigError, match="trio has nodes 0 to 2, not 3"):
+        spec.node(3)
+
+
+def test_a_derived_node_host_key_is_the_same_every_time_and_openssh_reads_it(tmp_path):
+    import subprocess
+
+    from crimpl.config import node_host_key
+    from crimpl.hostkeys import generate_host_key
+
+    base = generate_host_key()
+    assert node_host_key(base, 0) == base
+    first = node_host_key(base, 1)
+    assert first == node_host_key(base, 1) != node_host_key(base, 2)
+    assert node_host_key(generate_host_key(), 1) != first
+    path = tmp_path / "node1"
+    path.write_text(first[0])
+    path.chmod(0o600)
+    read = subprocess.run(["ssh-keygen", "-y", "-f", str(path)], capture_output=True, text=True, check=True)
+    assert read.stdout.split()[:2] == first[1].split()[:2]

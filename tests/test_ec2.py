@@ -303,10 +303,16 @@ def test_existing_key_name_is_used_as_is_and_kept_at_terminate(ec2, key_file):
 # -- security group and volume --------------------------------------------------------------
 
 
-def ssh_rules(ec2, instance_id):
+def all_rules(ec2, instance_id):
     group_ids = [g["GroupId"] for g in describe(ec2, instance_id)["SecurityGroups"]]
     groups = ec2.describe_security_groups(GroupIds=group_ids)["SecurityGroups"]
-    return [rule for g in groups for rule in g["IpPermissions"]]
+    return [(g["GroupId"], rule) for g in groups for rule in g["IpPermissions"]]
+
+
+def ssh_rules(ec2, instance_id):
+    """The rules of the instance's groups but the one between the server's own nodes."""
+    return [rule for group_id, rule in all_rules(ec2, instance_id)
+            if [p["GroupId"] for p in rule.get("UserIdGroupPairs", [])] != [group_id]]
 
 
 def cidrs_of(rule):
@@ -319,10 +325,15 @@ def test_created_security_group_allows_only_ssh_from_ssh_cidrs(ec2, key_file):
 
     server = AWSEC2.new(config=config, nprocs=2, server_name="guarded")
 
-    (rule,) = ssh_rules(ec2, server.instanceId)
+    (group_id, rule), (_, between_nodes) = sorted(all_rules(ec2, server.instanceId),
+                                                  key=lambda r: r[1]["IpProtocol"] != "tcp")
     assert (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) == ("tcp", 22, 22)
     assert cidrs_of(rule) == cidrs
     assert rule.get("Ipv6Ranges", []) == [] and rule.get("UserIdGroupPairs", []) == []
+    # The only other rule lets in the server's own nodes (members of the group), from no network.
+    assert between_nodes["IpProtocol"] == "-1"
+    assert [p["GroupId"] for p in between_nodes["UserIdGroupPairs"]] == [group_id]
+    assert between_nodes["IpRanges"] == between_nodes["Ipv6Ranges"] == between_nodes["PrefixListIds"] == []
     assert [g["GroupName"] for g in crimpl_groups(ec2)] == ["crimpl-guarded-ssh"]
 
 

@@ -22,7 +22,7 @@ from sandbox import AMIS, CANONICAL, NEWEST_UBUNTU_LTS, _ami, host_key_from_user
 from crimpl import ec2, pricing
 from crimpl._version import __version__
 from crimpl.config import UBUNTU_NAME_PATTERN, UBUNTU_OWNER, AWSEC2_Config
-from crimpl.hostkeys import generate_host_key
+from crimpl.hostkeys import generate_host_key, public_line_of
 from crimpl.stack import read_stack, spec_for_stack
 
 PROGRAM = Path(__file__).resolve().parent.parent / "infra" / "__main__.py"
@@ -31,6 +31,7 @@ SIG_KEY = pulumi.runtime.rpc._special_sig_key
 INSTANCE = "aws:ec2/instance:Instance"
 KEY_PAIR = "aws:ec2/keyPair:KeyPair"
 SECURITY_GROUP = "aws:ec2/securityGroup:SecurityGroup"
+PLACEMENT_GROUP = "aws:ec2/placementGroup:PlacementGroup"
 MOCK_GROUP_ID = "sg-0a1b2c3d4e5f60718"
 MOCK_VPC_ID = "vpc-0c0ffee0c0ffee000"
 HOST_KEY = generate_host_key()
@@ -70,8 +71,9 @@ class RecordingMocks(pulumi.runtime.Mocks):
         self.resources.append((args.typ, args.name, args.inputs))
         state = dict(args.inputs)
         if args.typ == INSTANCE:
-            state.update(publicIp="203.0.113.10", privateIp="10.0.0.5")
-            return "i-0123456789abcdef0", state
+            rank = 0 if args.name == "server" else int(args.name.removeprefix("server-"))
+            state.update(publicIp=f"203.0.113.{10 + rank}", privateIp=f"10.0.0.{5 + rank}")
+            return f"i-0123456789abcdef{rank}", state
         if args.typ == SECURITY_GROUP:
             return MOCK_GROUP_ID, state
         return f"{args.name}-id", state
@@ -268,10 +270,14 @@ def test_security_group_allows_ssh_only_from_the_given_address(program, base):
     run = program(base)
     group = run.one(SECURITY_GROUP)
     assert group["name"] == "crimpl-crimpl-dev-ssh"
-    [rule] = group["ingress"]
+    rule, between_nodes = group["ingress"]
     assert (rule["protocol"], int(rule["fromPort"]), int(rule["toPort"])) == ("tcp", 22, 22)
     assert rule["cidrBlocks"] == [CALLER]
     assert "ipv6CidrBlocks" not in rule or not rule["ipv6CidrBlocks"]
+    # The one other rule: every protocol, from the members of the group (the nodes) only.
+    assert (between_nodes["protocol"], between_nodes["self"]) == ("-1", True)
+    assert not between_nodes.get("cidrBlocks") and not between_nodes.get("ipv6CidrBlocks")
+    assert not between_nodes.get("securityGroups") and not between_nodes.get("prefixListIds")
     assert [e["protocol"] for e in group["egress"]] == ["-1"]
     assert run.one(INSTANCE)["vpcSecurityGroupIds"] == [MOCK_GROUP_ID]
     assert "vpcId" not in group  # the default VPC, as the boto3 path
@@ -281,7 +287,7 @@ def test_security_group_takes_the_stack_cidr_list(program, base):
     cidrs = ["203.0.113.0/24", "192.0.2.15/32"]
     group = program({**base, "crimpl:sshCidrs": cidrs}).one(SECURITY_GROUP)
     assert group["ingress"][0]["cidrBlocks"] == cidrs
-    ingress_cidrs = [c for rule in group["ingress"] for c in rule["cidrBlocks"]]
+    ingress_cidrs = [c for rule in group["ingress"] for c in rule.get("cidrBlocks", [])]
     assert "0.0.0.0/0" not in ingress_cidrs and "::/0" not in ingress_cidrs
 
 
@@ -300,7 +306,7 @@ def test_ssh_cidrs_that_together_cover_too_much_are_refused(program, base, cidrs
 
 def test_ipv6_network_goes_in_the_ipv6_cidr_blocks(program, base):
     group = program({**base, "crimpl:sshCidrs": ["2001:db8:1::/48", CALLER]}).one(SECURITY_GROUP)
-    [rule] = group["ingress"]
+    rule, _between_nodes = group["ingress"]
     assert rule["cidrBlocks"] == [CALLER]
     assert rule["ipv6CidrBlocks"] == ["2001:db8:1::/48"]
 
@@ -357,9 +363,10 @@ def test_tags_name_the_stack_and_carry_user_tags(program, base):
     assert tags["crimpl:user"] == "ubuntu"
     assert (tags["team"], tags["cost-center"]) == ("physics", "42")
     assert tags["crimpl:host-key"] == HOST_KEY[1]
+    assert tags["crimpl:node-rank"] == "0"
     assert instance["volumeTags"] == tags
-    # The key pair and group carry the same tags, without the host key.
-    others = {k: v for k, v in tags.items() if k != "crimpl:host-key"}
+    # The key pair and group carry the same tags, without the node's host key and rank.
+    others = {k: v for k, v in tags.items() if k not in ("crimpl:host-key", "crimpl:node-rank")}
     assert run.one(KEY_PAIR)["tags"] == run.one(SECURITY_GROUP)["tags"] == others
 
 
@@ -378,6 +385,7 @@ def test_user_data_carries_the_host_key_and_is_secret(program, base):
 def test_exports(program, base):
     assert program(base).exports == {
         "instanceId": "i-0123456789abcdef0", "publicIp": "203.0.113.10", "privateIp": "10.0.0.5",
+        "instanceIds": ["i-0123456789abcdef0"], "privateIps": ["10.0.0.5"],
         "username": "ubuntu", "serverName": "crimpl-dev",
     }
     assert program({**base, "crimpl:username": "admin"}).exports["username"] == "admin"
@@ -418,6 +426,13 @@ def test_host_key_must_be_a_secret(program, base):
     ("crimpl:sshTimeout", "nan"),
     ("crimpl:sshTimeout", "-inf"),
     ("crimpl:nprocs", 0),
+    ("crimpl:nodes", 0),
+    ("crimpl:nodes", -1),
+    ("crimpl:nodes", "x"),
+    ("crimpl:nodes", "1.5"),
+    ("crimpl:nodes", "true"),
+    ("crimpl:nodes", 65),
+    ("crimpl:placement", "spread"),
 ])
 def test_wrong_type_or_unknown_key_is_named(program, base, key, value):
     with pytest.raises(pulumi.RunError) as error:
@@ -448,6 +463,7 @@ def boto3_instance(params):
         "tags": tags["instance"],
         "volume_tags": tags["volume"],
         "spot": market and (market["MarketType"], market["SpotOptions"]),
+        "placement": params.get("Placement", {}).get("GroupName"),
     }
 
 
@@ -472,17 +488,24 @@ def pulumi_instance(inputs):
             "SpotInstanceType": market["spotOptions"]["spotInstanceType"],
             "InstanceInterruptionBehavior": market["spotOptions"]["instanceInterruptionBehavior"],
         }),
+        "placement": inputs.get("placementGroup"),
     }
 
 
-def pulumi_permission(ingress):
-    [rule] = ingress
-    return {
-        "IpProtocol": rule["protocol"], "FromPort": int(rule["fromPort"]), "ToPort": int(rule["toPort"]),
-        "IpRanges": [{"CidrIp": c, "Description": rule["description"]} for c in rule.get("cidrBlocks", [])],
-        "Ipv6Ranges": [{"CidrIpv6": c, "Description": rule["description"]}
-                       for c in rule.get("ipv6CidrBlocks", [])],
-    }
+def pulumi_permissions(ingress, group_id=MOCK_GROUP_ID):
+    """The Pulumi group's rules as boto3 writes them: the SSH rule, then the rule between the nodes."""
+    ssh, between_nodes = ingress
+    assert (between_nodes["protocol"], between_nodes["self"]) == ("-1", True)
+    assert set(between_nodes) <= {"protocol", "fromPort", "toPort", "self", "description"}
+    return [{
+        "IpProtocol": ssh["protocol"], "FromPort": int(ssh["fromPort"]), "ToPort": int(ssh["toPort"]),
+        "IpRanges": [{"CidrIp": c, "Description": ssh["description"]} for c in ssh.get("cidrBlocks", [])],
+        "Ipv6Ranges": [{"CidrIpv6": c, "Description": ssh["description"]}
+                       for c in ssh.get("ipv6CidrBlocks", [])],
+    }, {
+        "IpProtocol": "-1",
+        "UserIdGroupPairs": [{"GroupId": group_id, "Description": between_nodes["description"]}],
+    }]
 
 
 PARITY_STACKS = {
@@ -501,6 +524,13 @@ PARITY_STACKS = {
         "crimpl:securityGroupId": "sg-0fedcba987654321f", "crimpl:imageId": "ami-0123456789abcdef0",
         "crimpl:username": "admin",
     },
+    "three-nodes-in-a-cluster-placement-group": {
+        "crimpl:nprocs": 8, "crimpl:nodes": 3, "crimpl:placement": "cluster", "crimpl:sshCidrs": [CALLER],
+        "crimpl:subnetId": "subnet-0123456789abcdef0", "crimpl:tags": {"team": "physics"},
+    },
+    "three-nodes-existing-group": {
+        "crimpl:nprocs": 2, "crimpl:nodes": 3, "crimpl:securityGroupId": "sg-0fedcba987654321f",
+    },
 }
 
 
@@ -513,14 +543,26 @@ def test_boto3_and_pulumi_create_the_same_instance(program, key_file, tmp_path, 
     run = program(config)
     image_id = spec.image_id or NEWEST_UBUNTU_LTS  # what newest_ubuntu_lts finds in AMIS
     group_id = spec.security_group_id or MOCK_GROUP_ID
-    params = ec2.run_instances_params(spec, image_id, spec.key_pair_name, [group_id])
-    assert pulumi_instance(run.one(INSTANCE)) == boto3_instance(params)
+    declared = {name: inputs for typ, name, inputs in run.mocks.resources if typ == INSTANCE}
+    assert list(declared) == ["server", *(f"server-{rank}" for rank in range(1, spec.nnodes))]
+    for node, inputs in zip(spec.nodes, declared.values()):
+        params = ec2.run_instances_params(node, image_id, spec.key_pair_name, [group_id])
+        assert pulumi_instance(inputs) == boto3_instance(params)
+        assert inputs["tags"]["crimpl:node-rank"] == str(node.rank)
+    if spec.placement:
+        group = run.one(PLACEMENT_GROUP)
+        params = ec2.placement_group_params(spec)
+        assert (group["name"], group["strategy"]) == (params["GroupName"], params["Strategy"])
+        assert group["tags"] == {t["Key"]: t["Value"] for t in params["TagSpecifications"][0]["Tags"]}
+    else:
+        assert run.all(PLACEMENT_GROUP) == []
 
     if spec.security_group_id:
         assert run.all(SECURITY_GROUP) == []
     else:
         group = run.one(SECURITY_GROUP)
-        assert pulumi_permission(group["ingress"]) == ec2.ssh_permission(spec.ssh_cidrs)
+        assert pulumi_permissions(group["ingress"]) == [ec2.ssh_permission(spec.ssh_cidrs),
+                                                        ec2.self_permission(MOCK_GROUP_ID)]
         assert group["name"] == spec.security_group_name
         assert group["tags"] == {t["Key"]: t["Value"] for t in ec2._crimpl_only_tags(spec)}
     if spec.key_name:
@@ -544,9 +586,14 @@ def test_security_group_matches_the_one_the_boto3_path_creates(program, key_file
     assert (group["name"], group["description"]) == (created["GroupName"], created["Description"])
     # CreateSecurityGroup's allowed characters (no apostrophe).
     assert re.fullmatch(r"[A-Za-z0-9 ._\-:/()#,@\[\]+=&;{}!$*]+", group["description"])
-    [permission] = created["IpPermissions"]
-    assert pulumi_permission(group["ingress"]) == {
-        key: permission[key] for key in ("IpProtocol", "FromPort", "ToPort", "IpRanges", "Ipv6Ranges")}
+    ssh, between_nodes = sorted(created["IpPermissions"], key=lambda rule: rule["IpProtocol"] != "tcp")
+    assert pulumi_permissions(group["ingress"], group_id) == [
+        {key: ssh[key] for key in ("IpProtocol", "FromPort", "ToPort", "IpRanges", "Ipv6Ranges")},
+        {"IpProtocol": between_nodes["IpProtocol"],
+         "UserIdGroupPairs": [{k: v for k, v in pair.items() if k != "UserId"}
+                              for pair in between_nodes["UserIdGroupPairs"]]},
+    ]
+    assert between_nodes["IpRanges"] == between_nodes["Ipv6Ranges"] == between_nodes["PrefixListIds"] == []
 
 
 def test_autostop_and_lifetime_are_in_the_user_data_tags_and_shutdown_behaviour(program, base):
@@ -567,3 +614,53 @@ def test_a_bad_duration_stops_the_program_with_one_line(program, base, key, valu
     with pytest.raises(pulumi.RunError, match=f"{key} must be a duration") as caught:
         program({**base, key: value})
     assert "\n" not in str(caught.value).strip()
+
+
+# ---------------------------------------------------------------------------
+# Nodes (crimpl:nodes) and the placement group (crimpl:placement)
+
+
+def test_each_node_is_an_instance_named_by_rank_with_its_own_host_key(program, base):
+    run = program({**base, "crimpl:nodes": 3})
+    declared = {name: inputs for typ, name, inputs in run.mocks.resources if typ == INSTANCE}
+    assert list(declared) == ["server", "server-1", "server-2"]
+    keys = []
+    for rank, inputs in enumerate(declared.values()):
+        private, public = host_key_from_user_data(unsecret(inputs["userData"]))
+        assert inputs["tags"]["crimpl:host-key"] == public == public_line_of(private)
+        assert inputs["tags"]["crimpl:node-rank"] == inputs["volumeTags"]["crimpl:node-rank"] == str(rank)
+        assert inputs["tags"]["crimpl:name"] == "crimpl-dev"
+        keys.append(public)
+    assert keys[0] == HOST_KEY[1] and len(set(keys)) == 3
+    # Every node ignores the same tag changes (rotated host keys, autostop) as the first.
+    assert run.options["server-1"]["ignore_changes"] == run.options["server"]["ignore_changes"]
+    assert run.exports["instanceIds"] == [f"i-0123456789abcdef{rank}" for rank in range(3)]
+    assert run.exports["privateIps"] == ["10.0.0.5", "10.0.0.6", "10.0.0.7"]
+    assert run.exports["instanceId"] == "i-0123456789abcdef0"
+    # One key pair and one group for all the nodes.
+    assert len(run.all(KEY_PAIR)) == len(run.all(SECURITY_GROUP)) == 1
+    assert all(i["vpcSecurityGroupIds"] == [MOCK_GROUP_ID] for i in declared.values())
+
+
+def test_the_nodes_user_data_is_the_same_from_one_run_to_the_next(program, base):
+    def user_data():
+        return [unsecret(i["userData"]) for i in program({**base, "crimpl:nodes": 3}).all(INSTANCE)]
+
+    first = user_data()
+    assert first == user_data()  # else every `pulumi up` would rewrite the nodes' user data
+    assert len(set(first)) == 3
+
+
+def test_placement_cluster_puts_every_node_in_one_placement_group(program, base):
+    run = program({**base, "crimpl:nodes": 2, "crimpl:placement": "cluster"})
+    group = run.one(PLACEMENT_GROUP)
+    assert (group["name"], group["strategy"]) == ("crimpl-crimpl-dev-cluster", "cluster")
+    assert group["tags"]["crimpl:name"] == "crimpl-dev" and "crimpl:node-rank" not in group["tags"]
+    assert [i["placementGroup"] for i in run.all(INSTANCE)] == ["crimpl-crimpl-dev-cluster"] * 2
+    assert all(i["tags"]["crimpl:placement-group"] == "crimpl-crimpl-dev-cluster" for i in run.all(INSTANCE))
+
+
+def test_no_placement_key_no_placement_group(program, base):
+    run = program({**base, "crimpl:nodes": 2})
+    assert run.all(PLACEMENT_GROUP) == []
+    assert all("placementGroup" not in i for i in run.all(INSTANCE))

@@ -21,6 +21,7 @@ import yaml
 from crimpl import stack
 from crimpl.stackkeys import KEYS
 from crimpl.errors import ConfigError, PulumiNotInstalledError, StackError
+from crimpl.config import node_host_key
 from crimpl.hostkeys import pinned_key, public_line_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,6 +140,14 @@ def test_project_name_and_server_name(project, key_file):
     ("crimpl:nprocs", 0, "crimpl:nprocs must be at least 1"),
     ("crimpl:serverName", 5, "crimpl:serverName must be a str"),
     ("crimpl:sshCidrs", ["0.0.0.0/1", "128.0.0.0/1"], "crimpl:sshCidrs: 0.0.0.0/1, 128.0.0.0/1 would open SSH"),
+    ("crimpl:nodes", 0, "crimpl:nodes must be a whole number of nodes from 1 to 64, got 0"),
+    ("crimpl:nodes", -1, "crimpl:nodes must be a whole number of nodes from 1 to 64, got -1"),
+    ("crimpl:nodes", 65, "crimpl:nodes must be a whole number of nodes from 1 to 64, got 65"),
+    ("crimpl:nodes", "x", "crimpl:nodes must be a whole number, got 'x'"),
+    ("crimpl:nodes", 1.5, "crimpl:nodes must be a int, got float 1.5"),
+    ("crimpl:nodes", "1.5", "crimpl:nodes must be a whole number, got '1.5'"),
+    ("crimpl:nodes", True, "crimpl:nodes must be a int, got bool True"),
+    ("crimpl:placement", "spread", "crimpl:placement must be cluster (a cluster placement group) or left out"),
 ])
 def test_read_stack_names_the_bad_key_and_the_file(project, key, value, words):
     path = project / "Pulumi.dev.yaml"
@@ -148,6 +157,17 @@ def test_read_stack_names_the_bad_key_and_the_file(project, key, value, words):
         stack.read_stack("dev", project)
     assert words in str(error.value)
     assert str(path) in str(error.value)
+
+
+def test_nodes_and_placement_reach_the_spec(project, key_file):
+    write_stack(project, "dev", {"crimpl:keyFile": str(key_file), "crimpl:nprocs": 2, "crimpl:nodes": "3",
+                                 "crimpl:placement": "cluster"})
+    spec = stack.spec_for_stack(stack.read_stack("dev", project))
+    assert (spec.nnodes, spec.placement, spec.placement_group_name) == (3, "cluster", "crimpl-crimpl-dev-cluster")
+    assert [node.tags["crimpl:node-rank"] for node in spec.nodes] == ["0", "1", "2"]
+    write_stack(project, "dev", {"crimpl:keyFile": str(key_file), "crimpl:nprocs": 2})
+    spec = stack.spec_for_stack(stack.read_stack("dev", project))
+    assert (spec.nnodes, spec.placement, spec.placement_group_name) == (1, None, None)
 
 
 def test_a_plain_text_host_key_is_refused(project):
@@ -397,6 +417,26 @@ def test_destroy_unpins_the_host_key(fake_pulumi, project, caller):
     assert "--preview-only" not in fake_pulumi("destroy")[1]["args"]
 
 
+def test_up_pins_each_nodes_own_host_key_and_destroy_forgets_them(fake_pulumi, project, key_file, caller):
+    write_stack(project, "dev", {"crimpl:keyFile": str(key_file), "crimpl:nprocs": 2, "crimpl:nodes": 3})
+    outputs = stack.up(stack.read_stack("dev", project), on_output=lambda line: None)
+
+    ids = outputs["instanceIds"]
+    assert len(ids) == 3
+    private = fake_secret(yaml.safe_load((project / "Pulumi.dev.yaml").read_text())["config"]["crimpl:hostKey"])
+    expected = [node_host_key((private, public_line_of(private)), rank)[1] for rank in range(3)]
+    assert [pinned_key(i).get_base64() for i in ids] == [e.split()[1] for e in expected]
+    assert len(set(expected)) == 3 and expected[0] == public_line_of(private)
+
+    write_stack(project, "dev", {"crimpl:keyFile": str(key_file), "crimpl:nprocs": 2, "crimpl:nodes": 2})
+    outputs = stack.up(stack.read_stack("dev", project), on_output=lambda line: None)
+    assert outputs["instanceIds"] == ids[:2]
+    assert pinned_key(ids[2]) is None and pinned_key(ids[1]) is not None  # the removed node is forgotten
+
+    stack.destroy(stack.read_stack("dev", project), on_output=lambda line: None)
+    assert [pinned_key(i) for i in ids] == [None] * 3
+
+
 def test_refresh_and_outputs_need_a_deployed_stack(fake_pulumi, project, caller):
     settings = stack.read_stack("dev", project)
     with pytest.raises(StackError, match=r"stack dev has not been deployed .*run crimpl up first"):
@@ -515,9 +555,12 @@ def main(argv):
         write_config(stack_file, config)
     elif command == "up":
         print(f"Updating ({stack})")
+        nodes = int(config_of(stack_file).get("crimpl:nodes", 1))
         state[stack]["outputs"] = {
             "instanceId": INSTANCE_ID, "publicIp": "203.0.113.10", "privateIp": "10.0.0.5",
             "username": "ubuntu", "serverName": f"crimpl-{stack}"}
+        if nodes > 1:  # as crimpl's program; a stack of one node deployed by an older crimpl has no list
+            state[stack]["outputs"]["instanceIds"] = [INSTANCE_ID[:-1] + str(1 + r) for r in range(nodes)]
         state[stack]["history"] = True
     elif command == "preview":
         print(f"Previewing update ({stack})")
