@@ -12,7 +12,8 @@ import pytest
 import crimpl
 from crimpl.errors import HostKeyMismatchError, JobError
 from crimpl.jobs import JobStatus
-from crimpl.slurm import slurm_status
+from crimpl.jobs.arrays import summarize
+from crimpl.slurm import _array_ids, slurm_status
 from sandbox import wait_until
 
 
@@ -196,3 +197,21 @@ DONE = JobStatus("complete", exit_code=0, started="s", ended="e")
 def test_slurm_states_map_to_crimpls_honestly(record, slurm, state, detail):
     status = slurm_status(record, slurm, "Resources", "7")
     assert (status.state, status.detail) == (state, detail)
+
+
+def test_array_tasks_that_wait_on_one_line_are_read_as_each_task():
+    assert _array_ids("123_[4-6%2]") == ["123_4", "123_5", "123_6"]
+    assert _array_ids("123_[1,3]") == ["123_1", "123_3"]
+    assert _array_ids("123_7") == ["123_7"] and _array_ids("124") == ["124"]
+
+
+def test_an_array_task_past_its_walltime_is_named_with_the_reason():
+    tasks = {0: slurm_status(DONE, "COMPLETED", job_id="7_0"),
+             1: slurm_status(JobStatus("failed", started="s"), "TIMEOUT", job_id="7_1"),
+             2: slurm_status(ENDED, "FAILED", job_id="7_2")}
+    status = summarize(tasks)
+    assert (status.state, status.detail) == ("failed", "tasks 1, 2 failed (walltime exceeded, exit 137)")
+    tasks[1] = slurm_status(JobStatus("not-submitted"), "PENDING", "JobArrayTaskLimit", "7_1")
+    status = summarize(tasks)
+    assert (status.state, status.detail) == ("running", "2/3 done, 1 failed")
+    assert tasks[1].detail == "Slurm job 7_1 pending (JobArrayTaskLimit)"

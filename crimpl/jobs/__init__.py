@@ -3,7 +3,8 @@
 - :mod:`.protocol`: the job directory, the shell commands run on the server and
   the parsing of what they print (its docstring describes the protocol);
 - :mod:`.api`: :class:`Job`, :class:`JobStatus` and :class:`JobsMixin`, the job
-  methods every server kind has.
+  methods every server kind has;
+- :mod:`.arrays`: job arrays (``array=``): the spec, and a job's state from its tasks'.
 """
 
 from .api import Job, JobsMixin, JobStatus

@@ -29,7 +29,14 @@ home on EC2, and ``$CRIMPL_HOME/local`` for the local target) holding:
     rename). ``complete`` is written only for exit code 0; any other exit is
     ``failed``. No status file: uploaded, never started;
 ``crimpl-killed``
-    present once the job was killed.
+    present once the job was killed;
+``crimpl-array``, ``crimpl-log.<i>``, ``crimpl-status.<i>``, ``crimpl-killed.<i>``
+    of an array job (:mod:`.arrays`): its spec, and each task's log, status record
+    and kill mark. The wrapper is then the array's *runner*: it starts
+    ``crimpl-job.sh --task <i>`` for each index in a session of its own (so that one
+    task can be killed alone), at most the spec's ``%`` (else ``nproc``) at a time,
+    and records its own state in ``crimpl-status`` once every task ended. A task
+    marked killed (or of an array marked killed) records ``killed`` and never runs.
 
 A job is *alive* only while its recorded pid runs AND, where ``/proc`` tells,
 the boot id and the process start time are the recorded ones: after a reboot the
@@ -49,7 +56,10 @@ not start (``exists``, ``busy <job>``, ``running``, ``missing``, ``locked``).
 
 The listing (:data:`_STATUS_SCRIPT`) prints one line per job directory:
 ``<name>\t<alive|dead>\t<killed|->\t<status record or nothing>``; a record that
-is not the JSON object above reads as state ``unknown`` with the reason.
+is not the JSON object above reads as state ``unknown`` with the reason. An array
+job's line is followed by ``+array\t<name>\t<spec>``, a line
+``+task\t<name>\t<i>\t<alive|dead>\t<killed|->\t<record>`` per task that recorded
+a state and ``+killed\t<name>\t<i>`` per task marked killed (no job name starts with ``+``).
 """
 
 import contextlib
@@ -77,9 +87,12 @@ STATUS = "crimpl-status"
 KILLED = "crimpl-killed"
 #: Written by the watchdog when a spot notice came; the wrapper then records ``preempted``.
 PREEMPTED = "crimpl-preempted"
-#: ``<attempt> <retries>``: the attempt the wrapper runs and the retries on preemption asked for.
+#: ``<attempt> <retries> [lost]``: the attempt the wrapper runs, the retries on preemption asked for,
+#: and ``lost`` when a relaunch on new capacity lost the previous attempt's checkpoint.
 ATTEMPT = "crimpl-attempt"
 COMMANDS_SCRIPT = "crimpl-script.sh"
+#: The spec of an array job (:mod:`.arrays`); its tasks' records carry the suffix ``.<index>``.
+ARRAY = "crimpl-array"
 #: Prefixes of the names crimpl keeps in a job directory (``.crimpl-``: transfer's temporary files).
 RESERVED_PREFIXES = ("crimpl-", ".crimpl-")
 #: The lock that makes starting a job atomic, in ``<remote_dir>/jobs``.
@@ -103,11 +116,12 @@ crimpl_proc_start() {
   set -f; set -- $crimpl_s; set +f
   printf '%%s' "${20}"
 }
-crimpl_record() { head -c %(limit)d "$1/%(status)s" 2> /dev/null | tr -d '\n\r'; }
+# $2, where given, is the suffix of an array task's records: ".7" reads crimpl-status.7.
+crimpl_record() { head -c %(limit)d "$1/%(status)s$2" 2> /dev/null | tr -d '\n\r'; }
 crimpl_field() { printf '%%s' "$1" | sed -n "s/.*\"$2\": *\"\{0,1\}\([0-9a-f-]*\).*/\1/p"; }
 crimpl_job_pid() {
-  # Print the pid of job directory $1 if that process is still its wrapper.
-  crimpl_r=$(crimpl_record "$1")
+  # Print the pid of job directory $1 (task $2) if that process is still its wrapper.
+  crimpl_r=$(crimpl_record "$1" "$2")
   crimpl_pid=$(crimpl_field "$crimpl_r" pid)
   # Only a plain number above 1: `kill -- -1` would signal every process.
   case $crimpl_pid in ''|*[!0-9]*) return 1;; esac
@@ -123,7 +137,15 @@ crimpl_job_pid() {
   printf '%%s\n' "$crimpl_pid"
 }
 crimpl_running() {
-  crimpl_record "$1" | grep -q '"state": *"running"' && crimpl_job_pid "$1" > /dev/null
+  crimpl_record "$1" "$2" | grep -q '"state": *"running"' && crimpl_job_pid "$1" "$2" > /dev/null
+}
+crimpl_detach() {
+  # Run "$@" in a session of its own (its own process group), no child of this shell.
+  if command -v setsid > /dev/null 2>&1; then
+    setsid -f "$@" < /dev/null > /dev/null 2>&1
+  else
+    python3 -c 'import subprocess, sys; subprocess.Popen(sys.argv[1:], start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)' "$@"
+  fi
 }
 """ % {"limit": _RECORD_LIMIT, "status": STATUS}
 #: The functions above, for another script that must read jobs the same way (crimpl.watchdog).
@@ -135,46 +157,108 @@ cd "$(dirname "$0")" || exit 70
 {functions}
 ENTRY={entry}
 ON_COMPLETE={on_complete}
+# "--task I": run task I of an array job (started by the array's runner below, or by Slurm);
+# its records carry the suffix ".I".
+TASK=
+if [ "$1" = --task ]; then
+  case $2 in ''|*[!0-9]*) echo "crimpl-job.sh: --task takes an index" >&2; exit 64;; esac
+  TASK=$2
+fi
+S=${{TASK:+.$TASK}}
 BOOT_ID=$(cat /proc/sys/kernel/random/boot_id 2> /dev/null)
 PID_START=$(crimpl_proc_start $$)
 # Sub-second times where date has %N (GNU), so jobs started in one second still sort.
 now() {{ t=$(date -u +%Y-%m-%dT%H:%M:%S.%N); case $t in *N) t=$(date -u +%Y-%m-%dT%H:%M:%S);; esac; echo "${{t}}Z"; }}
 record() {{
   printf '{{"state": "%s", "exit_code": %s, "pid": %s, "boot_id": "%s", "pid_start": "%s", "started": "%s", "ended": %s, "on_complete": "%s"}}\n' \
-    "$1" "$2" "$$" "$BOOT_ID" "$PID_START" "$STARTED" "$3" "$ON_COMPLETE" > {status}.tmp && mv -f {status}.tmp {status}
+    "$1" "$2" "$$" "$BOOT_ID" "$PID_START" "$STARTED" "$3" "$ON_COMPLETE" > {status}$S.tmp && mv -f {status}$S.tmp {status}$S
 }}
 # Survive the kill of our own process group long enough to record it.
 trap 'true' TERM INT HUP
 STARTED=$(now)
 record running null null
+if [ -n "$TASK" ] && {{ [ -e {killed} ] || [ -e {killed}$S ]; }}; then
+  # Killed before it started (the whole array, or this task): it never runs.
+  record killed null "\"$(now)\""; exit 0
+fi
 CRIMPL_JOB_NAME={name}; CRIMPL_JOB_DIR=$(pwd); export CRIMPL_JOB_NAME CRIMPL_JOB_DIR
+if [ -n "$TASK" ]; then CRIMPL_ARRAY_INDEX=$TASK; export CRIMPL_ARRAY_INDEX; fi
 # The checkpoint folder stays in the job directory, so the next attempt finds it.
-CRIMPL_ATTEMPT=1; read -r CRIMPL_ATTEMPT _ < {attempt} 2> /dev/null
+CRIMPL_ATTEMPT=1; read -r CRIMPL_ATTEMPT _ CRIMPL_CHECKPOINT_LOST < {attempt} 2> /dev/null
 case $CRIMPL_ATTEMPT in ''|*[!0-9]*) CRIMPL_ATTEMPT=1;; esac
-CRIMPL_CHECKPOINT_DIR=$CRIMPL_JOB_DIR/checkpoint; export CRIMPL_ATTEMPT CRIMPL_CHECKPOINT_DIR
+# "lost": relaunched on new capacity, the previous attempt's disk (and checkpoint) is gone.
+case $CRIMPL_CHECKPOINT_LOST in lost) CRIMPL_CHECKPOINT_LOST=1;; *) CRIMPL_CHECKPOINT_LOST=0;; esac
+CRIMPL_CHECKPOINT_DIR=$CRIMPL_JOB_DIR/checkpoint; export CRIMPL_ATTEMPT CRIMPL_CHECKPOINT_DIR CRIMPL_CHECKPOINT_LOST
 [ -e {attempt} ] && mkdir -p checkpoint
+if [ -z "$TASK" ] && [ -f {array_file} ]; then
+{runner}
 # "./$ENTRY": a name is never read as an option.
-if head -n 1 "./$ENTRY" | grep -q '^#!'; then
-  chmod +x "./$ENTRY"; "./$ENTRY" > {log} 2>&1 < /dev/null &
+elif head -n 1 "./$ENTRY" | grep -q '^#!'; then
+  chmod +x "./$ENTRY"; "./$ENTRY" > {log}$S 2>&1 < /dev/null &
 elif command -v bash > /dev/null 2>&1; then
-  bash "./$ENTRY" > {log} 2>&1 < /dev/null &
+  bash "./$ENTRY" > {log}$S 2>&1 < /dev/null &
 else
-  sh "./$ENTRY" > {log} 2>&1 < /dev/null &
+  sh "./$ENTRY" > {log}$S 2>&1 < /dev/null &
 fi
 child=$!
 wait "$child"; code=$?
 # A trapped signal ends `wait` early: wait again until the script has really exited.
 while kill -0 "$child" 2> /dev/null; do wait "$child"; code=$?; done
-if [ -e {killed} ]; then state=killed; elif [ -e {preempted} ]; then state=preempted
+if [ -e {killed}$S ] || {{ [ -n "$TASK" ] && [ -e {killed} ]; }}; then state=killed
+elif [ -e {preempted} ]; then state=preempted
 elif [ "$code" -eq 0 ]; then state=complete; else state=failed; fi
 record "$state" "$code" "\"$(now)\""
-if [ -n "$ON_COMPLETE" ] && [ "$state" != killed ]; then
+if [ -z "$TASK" ] && [ -n "$ON_COMPLETE" ] && [ "$state" != killed ]; then
   echo "$(now) job $state; on_complete=$ON_COMPLETE: running the shutdown command" >> crimpl-on-complete.log
   {shutdown} >> crimpl-on-complete.log 2>&1
 fi
 """
 
+# The runner of an array job on a server without a scheduler: it starts each index as a
+# task in its own session (so that one task can be killed alone), at most $limit at a time,
+# and waits for them. It runs in the background of the wrapper, which waits for it as it
+# waits for a script.
+_RUNNER = r"""  spec=$(head -n 1 {array_file})
+  limit=${{spec#*%}}
+  [ "$limit" = "$spec" ] && limit=$(nproc 2> /dev/null || getconf _NPROCESSORS_ONLN 2> /dev/null)
+  case $limit in ''|*[!0-9]*|0) limit=1;; esac
+  # Each index of a spec such as 0-9,12,20-30:5, one a line.
+  printf '%s\n' "${{spec%%%*}}" | tr , '\n' | while IFS=- read -r first rest; do
+    last=${{rest%%:*}}; step=1
+    case $rest in *:*) step=${{rest#*:}};; esac
+    i=$first; while [ "$i" -le "${{last:-$first}}" ]; do echo "$i"; i=$((i + step)); done
+  done | {{
+    # A subshell: the kill of the wrapper's process group ends it, the wrapper records that.
+    trap - TERM INT HUP
+    running=
+    reap() {{
+      still=
+      for t in $running; do crimpl_running . ".$t" && still="$still $t"; done
+      running=$still
+    }}
+    while read -r i; do
+      while :; do
+        [ -e {killed} ] && break 2
+        reap
+        set -f; set -- $running; set +f
+        [ $# -lt "$limit" ] && break
+        sleep 0.2
+      done
+      crimpl_detach sh ./{wrapper} --task "$i"
+      n=0
+      while [ ! -s {status}.$i ] && [ $n -lt {start_ticks} ]; do sleep 0.05; n=$((n + 1)); done
+      if [ -s {status}.$i ]; then
+        running="$running $i"
+      else
+        S=.$i; record failed null "\"$(now)\""; S=
+      fi
+    done
+    while [ -n "$running" ]; do sleep 0.2; reap; done
+  }} &
+"""
+
 _STATUS_SCRIPT = r"""
+tab=$(printf '\t')
 for d in {dirs}; do
   [ -d "$d" ] || continue
   d=${{d%/}}
@@ -184,6 +268,21 @@ for d in {dirs}; do
   case $r in *'"running"'*) crimpl_job_pid "$d" > /dev/null && alive=alive;; esac
   if [ -e "$d/{killed}" ]; then k=killed; else k=-; fi
   printf '%s\t%s\t%s\t%s\n' "${{d##*/}}" "$alive" "$k" "$r"
+  [ -f "$d/{array_file}" ] || continue
+  # An array: its spec, then a line per task that recorded a state, one awk for them all.
+  printf '+array\t%s\t%s\n' "${{d##*/}}" "$(head -c 200 "$d/{array_file}" | tr -d '\n\r\t')"
+  find "$d" -maxdepth 1 -name '{status}.[0-9]*' ! -name '*.tmp' -exec awk \
+    'FNR == 1 {{ n = FILENAME; sub(/.*\./, "", n); printf "%s\t%s\n", n, substr($0, 1, {limit}) }}' {{}} + |
+  while IFS="$tab" read -r i r; do
+    case $i in ''|*[!0-9]*) continue;; esac
+    alive=dead
+    case $r in *'"running"'*) crimpl_job_pid "$d" ".$i" > /dev/null && alive=alive;; esac
+    if [ -e "$d/{killed}.$i" ]; then k=killed; else k=-; fi
+    printf '+task\t%s\t%s\t%s\t%s\t%s\n' "${{d##*/}}" "$i" "$alive" "$k" "$r"
+  done
+  for f in "$d/{killed}".[0-9]*; do
+    [ -e "$f" ] && printf '+killed\t%s\t%s\n' "${{d##*/}}" "${{f##*.}}"
+  done
 done
 """
 
@@ -222,38 +321,70 @@ fi
 cd "$name" || exit 3
 # Temporary folders of interrupted uploads.
 rm -rf ./.crimpl-upload-*
-rm -f {status} {killed} {preempted}
-if [ {again} = yes ] && [ -e {log} ]; then mv -f {log} {log}.previous; fi
-if command -v setsid > /dev/null 2>&1; then
-  setsid -f sh {wrapper} < /dev/null > /dev/null 2>&1
-else
-  python3 -c 'import subprocess, sys; subprocess.Popen(["sh", sys.argv[1]], start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)' {wrapper}
-fi
+rm -f {status} {killed} {preempted} {status}.[0-9]* {killed}.[0-9]*
+{rotate_logs}crimpl_detach sh {wrapper}
 i=0
 while [ ! -s {status} ] && [ $i -lt {start_ticks} ]; do sleep 0.05; i=$((i+1)); done
 printf 'started\t%s\n' "$(crimpl_record .)"
 """
 
+# Ends the processes of $targets, which {choose} sets: "-" is the job's wrapper, ".I" array
+# task I. Each is marked killed first, so that it records killed.
 _KILL_SCRIPT = r"""
 cd {job_dir} || exit 3
-pid=$(crimpl_job_pid .) || {{ echo not-running; exit 0; }}
-touch {killed}
-kill -TERM -"$pid" 2> /dev/null  # no "--": dash's kill refuses it
+{choose}
+pids=
+for t in $targets; do
+  s=${{t#-}}
+  pid=$(crimpl_job_pid . "$s") || continue
+  pids="$pids $pid"
+  touch {killed}$s
+  kill -TERM -"$pid" 2> /dev/null  # no "--": dash's kill refuses it
+done
+[ -n "$pids" ] || {{ echo not-running; exit 0; }}
 i=0
-while kill -0 "$pid" 2> /dev/null && [ $i -lt {grace_ticks} ]; do sleep 0.1; i=$((i+1)); done
-if kill -0 "$pid" 2> /dev/null || ! grep -q '"state": "killed"' {status}; then
-  kill -KILL -"$pid" 2> /dev/null
-  ended=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-  sed 's/"state": "running", "exit_code": null/"state": "killed", "exit_code": 137/; s/"ended": null/"ended": "'"$ended"'"/' \
-    {status} > {status}.tmp && mv -f {status}.tmp {status}
-fi
+alive() {{ for p in $pids; do kill -0 "$p" 2> /dev/null && return 0; done; return 1; }}
+while alive && [ $i -lt {grace_ticks} ]; do sleep 0.1; i=$((i+1)); done
+ended=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+for t in $targets; do
+  s=${{t#-}}
+  [ -e {status}$s ] || continue
+  pid=$(crimpl_job_pid . "$s")
+  if [ -n "$pid" ] || ! grep -q '"state": "killed"' {status}$s; then
+    [ -n "$pid" ] && kill -KILL -"$pid" 2> /dev/null
+    sed 's/"state": "running", "exit_code": null/"state": "killed", "exit_code": 137/; s/"ended": null/"ended": "'"$ended"'"/' \
+      {status}$s > {status}$s.tmp && mv -f {status}$s.tmp {status}$s
+  fi
+done
 echo killed
+"""
+
+# The whole of an array: its runner and every task running. The array is marked killed
+# before the tasks are listed: a task that starts later sees the mark and never runs.
+_KILL_ARRAY = r"""running_tasks() {{
+  find . -maxdepth 1 -name '{status}.[0-9]*' ! -name '*.tmp' -exec grep -l '"state": *"running"' {{}} + |
+    sed 's|.*\.|.|'
+}}
+if ! crimpl_job_pid . > /dev/null && [ -z "$(running_tasks)" ]; then echo not-running; exit 0; fi
+touch {killed}
+targets="- $(running_tasks)"
+"""
+
+# One task of an array. Marked first: a task that has not recorded a state yet never runs.
+_KILL_TASK = r"""touch {killed}.{index}
+if [ ! -s {status}.{index} ]; then
+  if crimpl_job_pid . > /dev/null; then echo killed; else rm -f {killed}.{index}; echo not-running; fi
+  exit 0
+fi
+targets=.{index}
 """
 
 # Prints the log from byte offset+1; while the job is alive, follows it until the job ends.
 _FOLLOW_SCRIPT = r"""
 cd {job_dir} || exit 3
-if pid=$(crimpl_job_pid .); then
+# An array task that waits for a free slot: wait while the array's runner runs.
+while [ -n "{task}" ] && [ ! -s {status}{task} ] && crimpl_job_pid . > /dev/null; do sleep 0.5; done
+if pid=$(crimpl_job_pid . "{task}"); then
   # -F: the wrapper may not have created the log yet.
   exec tail -c +{start} -s 0.5 -F --pid="$pid" {log}
 fi
@@ -349,27 +480,69 @@ def reserved_name(name: str, script: bool = False) -> bool:
 
 
 def render_wrapper(name: str, entry: str, on_complete: str | None, shutdown_command: str) -> str:
-    """Return the text of ``crimpl-job.sh`` for one job."""
+    """Return the text of ``crimpl-job.sh`` for one job (an array's too: see :mod:`.arrays`)."""
+    runner = _RUNNER.format(array_file=ARRAY, killed=KILLED, wrapper=WRAPPER, status=STATUS,
+                            start_ticks=START_WAIT * 20)
     return _WRAPPER_TEMPLATE.format(
         functions=_FUNCTIONS.strip(), entry=shlex.quote(entry), name=shlex.quote(name),
         on_complete=shlex.quote(on_complete or ""), shutdown=shutdown_command, status=STATUS,
-        log=LOG, killed=KILLED, preempted=PREEMPTED, attempt=ATTEMPT,
+        log=LOG, killed=KILLED, preempted=PREEMPTED, attempt=ATTEMPT, array_file=ARRAY, runner=runner.rstrip(),
     )
+
+
+def task_suffix(index: int | None) -> str:
+    """The suffix of array task ``index``'s records (``.7``); empty for a whole job."""
+    return "" if index is None else f".{int(index)}"
+
+
+def rotate_logs(again: bool) -> str:
+    """Shell that moves the logs of the run before a resubmit (an array's too) to ``<log>.previous``."""
+    if not again:
+        return ""
+    return (f'for f in {LOG} {LOG}.[0-9]*; do\n  case $f in *.previous) continue;; esac\n'
+            '  [ -e "$f" ] && mv -f "$f" "$f.previous"\ndone\n')
 
 
 # -- reading what the commands print ---------------------------------------------------------
 
 
 def parse_listing(text: str) -> dict:
-    """Return ``{job_name: record}`` from the listing :data:`_STATUS_SCRIPT` prints."""
-    records = {}
+    """Return ``{job_name: record}`` from the listing :data:`_STATUS_SCRIPT` prints.
+
+    The record of an array job also has ``array`` (its spec), ``tasks`` (``{index:
+    record}`` of the tasks that recorded a state) and ``killed_tasks`` (the indexes
+    killed), and always ``killed``; :func:`crimpl.jobs.arrays.local_status` reads them.
+    """
+    records, killed_jobs = {}, set()
     for line in text.splitlines():
+        if line.startswith("+"):
+            _array_line(records, killed_jobs, line)
+            continue
         parts = line.split("\t", 3)
         if len(parts) != 4 or not is_valid_name(parts[0]):
             continue
         name, alive, killed, record = parts
         records[name] = parse_record(record, alive == "alive", killed == "killed")
+        if killed == "killed":
+            killed_jobs.add(name)
     return records
+
+
+def _array_line(records, killed_jobs, line):
+    """Add what one ``+array``, ``+task`` or ``+killed`` line of the listing says to ``records``."""
+    kind, _, rest = line.partition("\t")
+    parts = rest.split("\t", 4)
+    record = records.get(parts[0])
+    if record is None:
+        return  # the job's own line comes first
+    if kind == "+array" and len(parts) == 2:
+        record.update(array=parts[1], tasks={}, killed_tasks=set(), killed=parts[0] in killed_jobs)
+    elif kind == "+task" and len(parts) == 5 and parts[1].isdigit() and "tasks" in record:
+        _, index, alive, killed, text = parts
+        record["tasks"][int(index)] = parse_record(
+            text, alive == "alive", killed == "killed" or record["killed"])
+    elif kind == "+killed" and len(parts) == 2 and parts[1].isdigit() and "tasks" in record:
+        record["killed_tasks"].add(int(parts[1]))
 
 
 def parse_record(text: str, alive: bool, killed: bool) -> dict:
@@ -427,7 +600,8 @@ def read_records(conn, root: str, names=None) -> dict:
         dirs = f"{shlex.quote(root.rstrip('/') + '/jobs')}/*/"
     else:
         dirs = " ".join(shlex.quote(job_dir(root, n)) for n in names)
-    result = run(conn, _script(_STATUS_SCRIPT, dirs=dirs, killed=KILLED))
+    result = run(conn, _script(_STATUS_SCRIPT, dirs=dirs, killed=KILLED, array_file=ARRAY, status=STATUS,
+                               limit=_RECORD_LIMIT))
     return parse_listing(result.stdout)
 
 
@@ -440,14 +614,23 @@ def start(conn, root: str, name: str, *, again: bool = False, allow_concurrent: 
         did not start: ``("exists", None)``, ``("busy", other job)``, ``("running", None)``,
         ``("missing", None)`` (no wrapper), ``("locked", holder pid)``.
     """
-    script = _script(
+    script = start_script(root, name, again=again, allow_concurrent=allow_concurrent)
+    return parse_start(_checked(run(conn, script), f"starting job {name}").stdout, name)
+
+
+def start_script(root: str, name: str, *, again: bool = False, allow_concurrent: bool = False) -> str:
+    """The shell code :func:`start` runs (also run at the end of a submit's upload, in its command)."""
+    return _script(
         _START_SCRIPT, jobs=shlex.quote(root.rstrip("/") + "/jobs"), name=shlex.quote(name),
         lock=LOCK, lock_ticks=LOCK_WAIT * 10, start_ticks=START_WAIT * 20, wrapper=WRAPPER,
-        status=STATUS, killed=KILLED, preempted=PREEMPTED, log=LOG, again="yes" if again else "no",
-        allow_concurrent="yes" if allow_concurrent else "no",
+        status=STATUS, killed=KILLED, preempted=PREEMPTED, again="yes" if again else "no",
+        allow_concurrent="yes" if allow_concurrent else "no", rotate_logs=rotate_logs(again),
     )
-    result = _checked(run(conn, script), f"starting job {name}")
-    lines = result.stdout.strip().splitlines()
+
+
+def parse_start(stdout: str, name: str):
+    """Return ``(outcome, detail)`` from what :func:`start_script` printed (see :func:`start`)."""
+    lines = stdout.strip().splitlines()
     last = lines[-1] if lines else ""
     if last.startswith("started"):
         return "started", parse_record(last.partition("\t")[2], True, False)
@@ -457,21 +640,77 @@ def start(conn, root: str, name: str, *, again: bool = False, allow_concurrent: 
     return outcome, detail or None
 
 
-def kill(conn, root: str, name: str) -> bool:
-    """End the job's whole process group; return True if it was running."""
+# The quick look before a submit sends anything: the same rules as the start, without the
+# lock (the start checks again under it). Prints "ok", "exists" or "busy <job>".
+_GUARD_SCRIPT = r"""
+cd {jobs} 2> /dev/null || {{ echo ok; exit 0; }}
+if [ -e {name}/{status} ]; then echo exists; exit 0; fi
+if [ {allow_concurrent} = no ]; then
+  for d in */; do
+    d=${{d%/}}
+    if [ "$d" != {name} ] && crimpl_running "$d"; then echo "busy $d"; exit 0; fi
+  done
+fi
+echo ok
+"""
+
+
+def guard_script(root: str, name: str, *, allow_concurrent: bool = False) -> str:
+    """Shell code that says, before a new job's upload, whether it may start: ``ok``,
+    ``exists`` or ``busy <job>`` (a job directory never started is what an interrupted
+    submit left: ``ok``, to complete it)."""
+    return _script(_GUARD_SCRIPT, jobs=shlex.quote(root.rstrip("/") + "/jobs"), name=shlex.quote(name),
+                   status=STATUS, allow_concurrent="yes" if allow_concurrent else "no")
+
+
+def kill(conn, root: str, name: str, *, index: int | None = None) -> bool:
+    """End the job's whole process group; return True if it was running.
+
+    Of an array job, end its runner and every task, and start no more.
+
+    :param index: end only this task of an array job (one that waits never starts).
+    """
+    if index is not None:
+        choose = _KILL_TASK.format(status=STATUS, killed=KILLED, index=int(index))
+    else:
+        # Whether the job is an array, the job directory says.
+        choose = (f"if [ -f {ARRAY} ]; then\n{_KILL_ARRAY.format(status=STATUS, killed=KILLED)}"
+                  "else\n  targets=-\nfi")
     script = _script(_KILL_SCRIPT, job_dir=shlex.quote(job_dir(root, name)), status=STATUS,
-                     killed=KILLED, grace_ticks=KILL_GRACE * 10)
-    result = _checked(run(conn, script), f"killing job {name}")
+                     killed=KILLED, grace_ticks=KILL_GRACE * 10, choose=choose)
+    what = f"killing task {index} of job {name}" if index is not None else f"killing job {name}"
+    result = _checked(run(conn, script), what)
     return result.stdout.strip().endswith("killed")
 
 
-def read_log(conn, root: str, name: str) -> str:
-    """Return the job's log as it is now."""
-    return run(conn, f"cat {shlex.quote(job_dir(root, name) + '/' + LOG)} 2> /dev/null").stdout
+def needs_index(name: str, indexes: str) -> JobError:
+    """The error for a look at the log of array job ``name`` that names no task."""
+    return JobError(f"job {name} is an array (tasks {indexes}): pass the index of a task "
+                    "(index=7, or `crimpl logs --index 7`)")
 
 
-def stream_log(conn, root: str, name: str, offset: int = 0, tick: float = 15.0, script: str | None = None):
+def read_log(conn, root: str, name: str, index: int | None = None) -> str:
+    """Return the job's log as it is now (task ``index``'s, for an array).
+
+    :raises JobError: if the job is an array and ``index`` is None.
+    """
+    directory = shlex.quote(job_dir(root, name))
+    if index is not None:
+        return run(conn, f"cat {directory}/{LOG}{task_suffix(index)} 2> /dev/null").stdout
+    # Exit 65 (and the spec) for an array, which has no log of its own.
+    result = run(conn, f"cd {directory} 2> /dev/null || exit 0; if [ -f {ARRAY} ]; then "
+                       f"head -c 200 {ARRAY}; exit 65; fi; cat {LOG} 2> /dev/null")
+    if result.exited == 65:
+        raise needs_index(name, result.stdout.strip().split("%")[0])
+    return result.stdout
+
+
+def stream_log(conn, root: str, name: str, offset: int = 0, tick: float = 15.0, script: str | None = None,
+               index: int | None = None):
     """Yield the job's log from byte ``offset``, following it while the job is alive.
+
+    ``index``: the log of that task of an array job, followed while the task runs (or
+    waits for a slot).
 
     ``script`` replaces the shell that prints the log (a scheduler's kind follows while
     its scheduler says the job lives).
@@ -486,8 +725,9 @@ def stream_log(conn, root: str, name: str, offset: int = 0, tick: float = 15.0, 
     """
     from ..transfer.streams import CHUNK, CONNECTION_ERRORS, open_stream, opened
 
-    script = script or _script(_FOLLOW_SCRIPT, job_dir=shlex.quote(job_dir(root, name)), log=LOG,
-                               start=offset + 1)
+    script = script or _script(_FOLLOW_SCRIPT, job_dir=shlex.quote(job_dir(root, name)),
+                               log=LOG + task_suffix(index), start=offset + 1, task=task_suffix(index),
+                               status=STATUS)
     try:
         with opened(open_stream(conn, script)) as stream:
             channel = getattr(stream, "channel", None)  # None for the local target's process
