@@ -95,12 +95,15 @@ async def serve(target_port, delay_ms, listen_port=0, lifetime=900.0, ready=None
             pass
 
 
-def spawn(target_port, delay_ms, lifetime=900.0, timeout=10.0):
-    """Start the proxy as a child process; return ``(process, port)``."""
+def spawn(target_port, delay_ms, lifetime=900.0, timeout=10.0, preexec_fn=None):
+    """Start the proxy as a child process; return ``(process, port)``.
+
+    :param preexec_fn: run in the child before the proxy starts (e.g. to end it with its parent).
+    """
     process = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "--target-port", str(target_port),
          "--delay-ms", str(delay_ms), "--lifetime", str(lifetime)],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
     )
     readable, _, _ = select.select([process.stdout], [], [], timeout)
     line = process.stdout.readline() if readable else ""

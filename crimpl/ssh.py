@@ -9,11 +9,13 @@ authentication: nothing is sent.
 """
 
 import contextlib
+import contextvars
 import logging
 import os
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import paramiko
@@ -124,7 +126,7 @@ def connection(host: str, user: str, key_file, instance_id: str, *, ssh_config: 
     else:
         expected = list(expected_key)
     connect_kwargs = {"key_filename": str(key_file), "look_for_keys": False, "allow_agent": False,
-                      "transport_factory": _transport}
+                      "transport_factory": CountingTransport}
     if expected:
         # Ask only for the pinned keys' types: a server with several host keys
         # would otherwise offer whichever type paramiko prefers.
@@ -146,13 +148,58 @@ def connection(host: str, user: str, key_file, instance_id: str, *, ssh_config: 
     return conn
 
 
-def _transport(sock, **kwargs) -> paramiko.Transport:
-    """A paramiko Transport that offers :data:`PREFERRED_CIPHER` first."""
-    transport = paramiko.Transport(sock, **kwargs)
-    options = transport.get_security_options()
-    if PREFERRED_CIPHER in options.ciphers:
-        options.ciphers = (PREFERRED_CIPHER, *(c for c in options.ciphers if c != PREFERRED_CIPHER))
-    return transport
+@dataclass
+class RoundTrips:
+    """What one call cost on the wire: the SSH connections and exec channels it opened.
+
+    :param connections: SSH connections opened (authenticated sessions to the server;
+        a ProxyJump hop is not counted apart).
+    :param channels: exec channels opened on them, one per remote command.
+    """
+
+    connections: int = 0
+    channels: int = 0
+
+
+# The tallies open in this thread (or task): each connection and channel counts in all of them.
+_tallies: contextvars.ContextVar[tuple] = contextvars.ContextVar("crimpl_round_trips", default=())
+
+
+@contextlib.contextmanager
+def counted():
+    """Count the SSH connections and exec channels opened in the block, in this thread.
+
+    Yields a :class:`RoundTrips` that is filled as they open; blocks may nest.
+    """
+    tally = RoundTrips()
+    token = _tallies.set((*_tallies.get(), tally))
+    try:
+        yield tally
+    finally:
+        _tallies.reset(token)
+
+
+def count(connections: int = 0, channels: int = 0) -> None:
+    """Add to every tally open in this thread (see :func:`counted`)."""
+    for tally in _tallies.get():
+        tally.connections += connections
+        tally.channels += channels
+
+
+class CountingTransport(paramiko.Transport):
+    """A paramiko Transport that offers :data:`PREFERRED_CIPHER` first and counts its exec channels."""
+
+    def __init__(self, sock, **kwargs):
+        super().__init__(sock, **kwargs)
+        options = self.get_security_options()
+        if PREFERRED_CIPHER in options.ciphers:
+            options.ciphers = (PREFERRED_CIPHER, *(c for c in options.ciphers if c != PREFERRED_CIPHER))
+
+    def open_channel(self, kind, *args, **kwargs):
+        channel = super().open_channel(kind, *args, **kwargs)
+        if kind == "session":
+            count(channels=1)
+        return channel
 
 
 def open_when_ready(connect, timeout: float, interval: float = RETRY_INTERVAL,
@@ -180,6 +227,7 @@ def open_when_ready(connect, timeout: float, interval: float = RETRY_INTERVAL,
         try:
             with _quiet_paramiko():
                 conn.open()
+            count(connections=1)
             return conn
         except HostKeyMismatchError:
             conn.close()
@@ -266,3 +314,4 @@ def interactive_command(host: str, user: str, key_file, instance_id: str,
     if path:
         argv += ["-F", path]
     return argv + [host]
+

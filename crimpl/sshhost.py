@@ -34,6 +34,7 @@ from .config import is_valid_name
 from .errors import ConfigError, HostKeyMismatchError, JobError
 from .home import crimpl_home, write_private_file
 from .jobs import JobsMixin
+from .jobs.api import shares_connection
 from .jobs.protocol import run
 
 #: The host key policies: refuse unknown keys (OpenSSH's ``yes``), or add them (``accept-new``).
@@ -161,10 +162,12 @@ class RemoteThreadServer(JobsMixin):
         """Return an unopened fabric Connection to the host, its key checked against known_hosts."""
         path = ssh.ssh_config_file(self.ssh_config)
         config = Config(runtime_ssh_path=path) if path else Config()
-        conn = Connection(self.host, config=config, connect_timeout=ssh.CONNECT_TIMEOUT)
+        conn = Connection(self.host, config=config, connect_timeout=ssh.CONNECT_TIMEOUT,
+                          connect_kwargs={"transport_factory": ssh.CountingTransport})
         _verify_host_keys(conn, self.host, self.host_key_policy == "accept-new")
         return conn
 
+    @shares_connection
     @contextlib.contextmanager
     def session(self, start: bool = True):
         """Yield one open SSH connection to the host.

@@ -294,6 +294,50 @@ def test_upload_killed_midway_leaves_nothing_half_done_and_a_retry_completes(
     assert transfer.upload(connect(), [src], str(remote), quiet=True).files_sent == 0
 
 
+def test_an_upload_runs_its_then_step_once_complete_and_its_guard_can_stop_it(target, tmp_path):
+    src = write(tmp_path / "input.txt", "data\n")
+    remote = tmp_path / "remote"
+    ran = tmp_path / "then-ran"
+    conn = target()
+    try:
+        refused = transfer.upload(conn, [src], str(remote), quiet=True, guard="echo busy elsewhere",
+                                  then=f"touch {ran}")
+        assert refused.refused == "busy elsewhere"
+        assert refused.files_sent == 0 and not (remote / "input.txt").exists() and not ran.exists()
+
+        report = transfer.upload(conn, [src], str(remote), quiet=True, guard="echo ok",
+                                 then=f"touch {ran}; pwd; echo to stderr >&2; exit 3")
+        assert report.files_sent == 1 and (remote / "input.txt").read_text() == "data\n"
+        assert ran.exists()
+        # `then` runs from the login folder (here the test's), with its own status and output.
+        assert report.then_status == 3
+        assert report.then_output == f"{os.getcwd() if target is invoke.Context else Path.home()}\n"
+
+        ran.unlink()
+        again = transfer.upload(conn, [src], str(remote), quiet=True, then=f"touch {ran}; echo again")
+        # Nothing to send: the step still runs, in the same command.
+        assert again.files_sent == 0 and again.files_skipped == 1
+        assert again.then_output == "again\n" and again.then_status == 0 and ran.exists()
+    finally:
+        close(conn)
+
+
+@pytest.mark.parametrize("how", ["client drops the connection", "server sessions killed"])
+def test_a_cut_upload_never_runs_its_then_step(connect, sshd, tmp_path, how):
+    src = tmp_path / "src"
+    with open(write(src / "big.bin"), "wb") as handle:
+        handle.truncate(64 * 2**20)
+    remote = tmp_path / "remote"
+    ran = tmp_path / "then-ran"
+    conn = connect()
+    with pytest.raises(TransferError, match="retry"):
+        transfer.upload(conn, [src], str(remote), quiet=True, then=f"touch {ran}",
+                        callback=cut_after_first_mib(conn, how, sshd))
+    wait_until(lambda: not session_pids(sshd.process.pid), timeout=30, what="the cut session to end")
+    assert not ran.exists()
+    assert not (remote / "src").exists()
+
+
 def close(conn):
     """Close a fabric Connection; the local target has nothing to close."""
     if hasattr(conn, "close"):

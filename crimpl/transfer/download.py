@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import TransferError
+from ..ssh import counted
 from .safe_extract import safe_extract
 from .streams import (
     CHUNK,
@@ -82,12 +83,21 @@ def download(conn, remote_dir, paths, local_dest, *, quiet=False, callback=None)
     :param local_dest: local file or directory to write to.
     :param quiet: never show a progress bar.
     :param callback: optional ``callback(bytes_done, bytes_total)`` called as data arrives.
-    :returns: a :class:`TransferReport`; its ``files`` are relative to ``remote_dir``.
+    :returns: a :class:`TransferReport`; its ``files`` are relative to ``remote_dir``;
+        ``connections`` and ``channels`` count what it opened.
     :raises TransferError: if a path matches nothing (the message lists what
         ``remote_dir`` holds), the server sends an entry that would land or point
         outside the destination, or the connection failed. Nothing partial is
         left locally, nor the folders created for ``local_dest``.
     """
+    with counted() as trips:
+        report = _download(conn, remote_dir, paths, local_dest, quiet, callback)
+    report.connections, report.channels = trips.connections, trips.channels
+    return report
+
+
+def _download(conn, remote_dir, paths, local_dest, quiet, callback):
+    """:func:`download`."""
     patterns = _patterns(paths)
     dest = Path(local_dest)
     into_dir = os.fspath(local_dest).endswith(("/", os.sep)) or dest.is_dir()

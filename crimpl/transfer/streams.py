@@ -59,6 +59,12 @@ class TransferReport:
     :param files: the relative paths (relative to ``remote_dir``) that were moved.
     :param files_linked: files an upload took from the server's store instead of sending them.
     :param bytes_linked: the bytes of those files.
+    :param connections: SSH connections the call opened (0 when it ran on one already open,
+        or on the local target).
+    :param channels: SSH exec channels (remote commands) the call opened.
+    :param refused: the line an upload's ``guard`` answered instead of ``ok`` (nothing was sent).
+    :param then_output: what an upload's ``then`` printed, once the upload completed.
+    :param then_status: the exit status of ``then``.
     """
 
     files_sent: int = 0
@@ -68,6 +74,11 @@ class TransferReport:
     files: list[str] = field(default_factory=list)
     files_linked: int = 0
     bytes_linked: int = 0
+    connections: int = 0
+    channels: int = 0
+    refused: str = ""
+    then_output: str = ""
+    then_status: int | None = None
 
 
 # --------------------------------------------------------------------------- streams
@@ -89,6 +100,13 @@ class ChannelStream:
 
     def close_stdin(self):
         self.channel.shutdown_write()
+
+    def read_rest(self):
+        """Read stdout until the command closes it; return the bytes."""
+        out = bytearray()
+        while data := self.channel.recv(CHUNK):
+            out += data
+        return bytes(out)
 
     def finish(self):
         """Wait for the command to end; return ``(exit status, stderr text)``.
@@ -130,6 +148,10 @@ class ProcessStream:
 
     def close_stdin(self):
         self.process.stdin.close()
+
+    def read_rest(self):
+        """Read stdout until the command closes it; return the bytes."""
+        return self.process.stdout.read()
 
     def finish(self):
         while self.process.stdout.read1(CHUNK):

@@ -25,6 +25,14 @@ folder); any other file is sent, hashed as it goes, followed by a hard link
 ``.crimpl-objects/<object>`` to it. The finish script renames those into the
 store, whole files only, before it moves the job's entries into place, and at
 the end evicts unlinked objects over the store's size cap.
+
+A caller may fold its own steps into the same command (a submit does: see
+:meth:`crimpl.jobs.JobsMixin.submit_script`): a ``guard`` runs first and answers
+one line before the store's answer (anything but ``ok`` ends the command with
+nothing sent), and a ``then`` runs once the finish script succeeded, after a
+line ``crimpl-uploaded``. The client then always sends ``go`` (with the tar
+stream) or ``skip`` (nothing to send): a command that sees EOF instead, as when
+the connection is cut, stops before ``then``.
 """
 
 import hashlib
@@ -43,6 +51,7 @@ from dataclasses import dataclass, field
 import pathspec
 
 from ..errors import TransferError
+from ..ssh import counted
 from . import store as objects
 from .streams import (
     CHUNK,
@@ -67,6 +76,8 @@ _FINISH_SCRIPT = ".crimpl-finish"
 # In the temporary folder of a store upload: the store (a symlink) and the new objects.
 _STORE_LINK = ".crimpl-store"
 _NEW_OBJECTS = ".crimpl-objects"
+# The line an upload with ``then`` prints once it completed, before the output of ``then``.
+_UPLOADED = b"crimpl-uploaded"
 # Files per ``mv`` command in the remote finish script, well below ARG_MAX.
 _MV_BATCH = 500
 
@@ -86,7 +97,7 @@ class _Entry:
 
 
 def upload(conn, sources, remote_dir, *, quiet=False, callback=None, store=None,
-           store_cap=objects.DEFAULT_CAP):
+           store_cap=objects.DEFAULT_CAP, guard=None, then=None):
     """Copy local files and directories into ``remote_dir``, sending only what changed.
 
     Each source lands in ``remote_dir`` under its basename; directories are copied
@@ -106,52 +117,82 @@ def upload(conn, sources, remote_dir, *, quiet=False, callback=None, store=None,
         from it instead of sent, files sent are added to it. None: no store, every
         file's mode is kept; with a store, files arrive without write permission.
     :param store_cap: the store's size cap in bytes.
-    :returns: a :class:`TransferReport`.
+    :param guard: shell code the server runs first, in the same command, before anything
+        is sent; it prints one line: ``ok`` to go on, anything else ends the upload with
+        nothing sent and that line in ``report.refused``.
+    :param then: shell code the server runs with ``sh`` from the login folder once the
+        upload completed, in the same command (no round trip of its own); never after
+        an upload that failed or was cut. Its output and exit status are
+        ``report.then_output`` and ``report.then_status``.
+    :returns: a :class:`TransferReport`; ``connections`` and ``channels`` count what it opened.
     :raises TransferError: if a source is missing (before anything is sent), or the
         copy failed; a failed upload can simply be retried.
     """
     names, entries = _scan_sources(sources)
+    with counted() as trips:
+        report = _upload(conn, names, entries, remote_dir, quiet, callback, store, store_cap, guard, then)
+    report.connections, report.channels = trips.connections, trips.channels
+    return report
+
+
+def _upload(conn, names, entries, remote_dir, quiet, callback, store, store_cap, guard, then):
+    """:func:`upload` once the sources are scanned."""
     token = secrets.token_hex(6)
     index = objects.HashIndex() if store is not None else None
     query = "".join(f"{name}\n" for name in _wanted(entries, index)).encode("ascii")
-    script = _upload_script(remote_dir, names, UPLOAD_TMP_PREFIX + token, store, len(query))
+    script = _upload_script(remote_dir, names, UPLOAD_TMP_PREFIX + token, store, len(query), guard, then)
     report = TransferReport()
+    where = location(conn, remote_dir)
+    rest = b""
     try:
         with opened(open_stream(conn, script)) as stream:
             present, pending = {}, b""
             if index is not None:
-                stream.send(query)
-                present, pending = _read_store_answer(stream)
-            manifest, remote = _read_listing(stream, location(conn, remote_dir), pending)
+                stream.send(query)  # before any answer: the query costs no round trip of its own
+            if guard is not None:
+                answer, pending = _read_line(stream, pending, "whether the upload may go on")
+                if answer != "ok":
+                    report.refused = answer
+                    return report
+            if index is not None:
+                present, pending = _read_store_answer(stream, pending)
+            manifest, remote = _read_listing(stream, where, pending)
             plan = _plan_upload(entries, manifest, remote, names, index)
             if index is not None:
                 _plan_links(plan, index, present)
             report.files_skipped = plan.skipped
             if not plan.send and not plan.chmod:
-                # The remote side sees EOF instead of "go" and exits 0; no need to
-                # wait a round trip for its status.
-                return report
-            stream.send(b"go\n")
-            progress = Progress(f"upload {remote_dir}", plan.bytes, len(plan.send),
-                                quiet=quiet, callback=callback)
-            try:
-                _send_tar(stream, plan, progress, UPLOAD_TMP_PREFIX + token, index, store_cap)
-            finally:
-                progress.close()
+                if then is None:
+                    # The remote side sees EOF instead of "go" and exits 0; no need to
+                    # wait a round trip for its status.
+                    return report
+                stream.send(b"skip\n")
+            else:
+                stream.send(b"go\n")
+                progress = Progress(f"upload {remote_dir}", plan.bytes, len(plan.send),
+                                    quiet=quiet, callback=callback)
+                try:
+                    _send_tar(stream, plan, progress, UPLOAD_TMP_PREFIX + token, index, store_cap)
+                finally:
+                    progress.close()
             stream.close_stdin()
+            if then is not None:
+                rest = stream.read_rest()
             status, stderr = stream.finish()
     except (*CONNECTION_ERRORS, tarfile.TarError) as exc:
         raise TransferError(
-            f"upload to {location(conn, remote_dir)} failed ({describe_exception(exc)}); "
-            "retry to complete it"
+            f"upload to {where} failed ({describe_exception(exc)}); retry to complete it"
         ) from exc
     finally:
         if index is not None:
             index.save()  # hashes made while sending stay true whatever became of the upload
-    if status != 0:
+    marker, _, output = rest.partition(b"\n")
+    if then is not None and marker == _UPLOADED:
+        report.then_output = output.decode("utf-8", "replace")
+        report.then_status = status
+    elif status != 0 or then is not None:
         raise TransferError(
-            f"upload to {location(conn, remote_dir)} failed "
-            f"({status_text(status, stderr)}); retry to complete it"
+            f"upload to {where} failed ({status_text(status, stderr)}); retry to complete it"
         )
     for rel, entry in plan.send:
         if rel in plan.linked:
@@ -177,9 +218,25 @@ def _wanted(entries, index):
     return sorted(wanted)
 
 
-def _read_store_answer(stream):
+def _read_line(stream, pending, what):
+    """Read one line the server prints; return ``(line, bytes after it)``.
+
+    :param what: what the line answers, for the error if the command ends first.
+    """
+    buf = bytearray(pending)
+    while b"\n" not in buf:
+        data = stream.recv(CHUNK)
+        if not data:
+            status, stderr = stream.finish()
+            raise TransferError(f"the server did not answer {what} ({status_text(status, stderr)})")
+        buf += data
+    line, _, rest = bytes(buf).partition(b"\n")
+    return line.decode("utf-8", "replace"), rest
+
+
+def _read_store_answer(stream, pending=b""):
     """Read the store's answer (rows, then a line ``.``); return ``(present, bytes after it)``."""
-    buf = bytearray()
+    buf = bytearray(pending)
     while True:
         # The rows end with a line holding only "."; object names never look like that.
         end = 0 if buf.startswith(b".\n") else buf.find(b"\n.\n") + 1
@@ -276,27 +333,38 @@ def _ignored(rel, is_dir, specs):
     return False
 
 
-def _upload_script(remote_dir, names, tmp, store=None, query_bytes=0):
+def _upload_script(remote_dir, names, tmp, store=None, query_bytes=0, guard=None, then=None):
     d = shlex.quote(remote_dir)
     starts = " ".join(shlex.quote("./" + n) for n in names)
     query = objects.query_script(store, query_bytes) if store is not None else ""
     # The store as a symlink in the temporary folder: the stream's hard links point through it.
     link = f'ln -s "$S" {tmp}/{_STORE_LINK}; ' if store is not None else ""
-    finish = f"exec sh {tmp}/{_FINISH_SCRIPT}" + (' "$S"' if store is not None else "")
+    finish = f"sh {tmp}/{_FINISH_SCRIPT}" + (' "$S"' if store is not None else "")
+    receive = (
+        # Temporary folders of interrupted uploads; failure to remove one is harmless.
+        f"rm -rf ./{UPLOAD_TMP_PREFIX}* 2>/dev/null || :; mkdir {tmp}; {link}"
+        f"tar -x -p --no-same-owner -f - -C {tmp}; "
+    )
+    if then is None:
+        # EOF instead of "go": nothing to send.
+        tail = f'IFS= read -r go || exit 0; [ "$go" = go ] || exit 0; {receive}exec {finish}'
+    else:
+        # "skip": nothing to send, go on to `then`; EOF (a cut connection): stop here.
+        # The marker line tells the client that what follows is the output of `then`.
+        tail = (f'IFS= read -r go || exit 0; case $go in go) {receive}{finish};; skip) ;; *) exit 0;; esac; '
+                f'echo {_UPLOADED.decode()}; cd -- "$crimpl_top"; exec sh -c {shlex.quote(then)}')
+    # The guard's one line comes first; set -e stops at nothing inside it.
+    check = (f'crimpl_g=$(set +e; {guard}); printf \'%s\\n\' "$crimpl_g"; [ "$crimpl_g" = ok ] || exit 0; '
+             if guard is not None else "")
     return (
-        f"set -e; {query}mkdir -p -- {d}; cd -- {d}; "
+        f'set -e; crimpl_top=$(pwd); {check}{query}mkdir -p -- {d}; cd -- {d}; '
         # Listing: manifest, NUL, then six NUL-terminated fields per path, then END.
         # A NUL inside the manifest would end it early: such a manifest is invalid
         # anyway, and without its NULs it reads as invalid JSON, i.e. no manifest.
         f"{{ tr -d '\\000' < {MANIFEST} 2>/dev/null || :; printf '\\0'; "
         f"find {starts} -printf '%y\\0%s\\0%T@\\0%m\\0%l\\0%p\\0' 2>/dev/null || :; "
         "printf 'END\\0'; }; "
-        # EOF instead of "go": nothing to send.
-        'IFS= read -r go || exit 0; [ "$go" = go ] || exit 0; '
-        # Temporary folders of interrupted uploads; failure to remove one is harmless.
-        f"rm -rf ./{UPLOAD_TMP_PREFIX}* 2>/dev/null || :; mkdir {tmp}; {link}"
-        f"tar -x -p --no-same-owner -f - -C {tmp}; "
-        f"{finish}"
+        f"{tail}"
     )
 
 
