@@ -25,7 +25,7 @@ from invoke import Argument, Collection, Context, Exit, ParserContext, Program, 
 
 from . import __version__
 from .errors import (AWSError, ConfigError, CrimplError, ExitStatus, InstanceNotFoundError,
-                     InstanceStateError, ScriptFailedError, SSHError, StackError)
+                     InstanceStateError, JobError, ScriptFailedError, SSHError, StackError)
 
 SERVER_HELP = {
     "stack": "stack name (Pulumi.<stack>.yaml), or 'local' for this machine",
@@ -172,6 +172,10 @@ def up(c, stack=None, provisioner=None):
     verb = "launched" if launched else "already up, unchanged:"
     print(f"{settings.name}: {verb} {server.instanceId} ({server.instance_type}, {server.state}, "
           f"{server.public_ip})")
+    nodes = server.nodes
+    if len(nodes) > 1:
+        for node in nodes:
+            print(f"{settings.name}: node {node.rank} {node.instanceId} ({node.state}, {node.private_ip})")
 
 
 @crimpl_task(help={"provisioner": "pulumi (default) or boto3"})
@@ -184,17 +188,24 @@ def preview(c, stack=None, provisioner=None):
         stacks.preview(settings, on_output=print)
         return
     from . import stack as stacks
-    from .ec2 import client, find_instances
+    from .ec2 import client, find_instances, find_nodes, rank_of
 
     spec = stacks.spec_for_stack(settings)
     found = find_instances(client(spec.region), name=spec.server_name)
-    if len(found) > 1:
+    ranks = sorted({rank_of(i) for i in find_nodes(client(spec.region), spec.server_name)})
+    missing = [r for r in range(spec.nnodes) if r not in ranks]
+    surplus = [r for r in reversed(ranks) if r >= spec.nnodes]
+    if len(found) > len({rank_of(i) for i in found}):
         print(f"{settings.name}: {len(found)} instances carry the name {spec.server_name} "
               f"({', '.join(i['InstanceId'] for i in found)}); `destroy` ends all of them")
-    elif found:
-        print(f"{settings.name}: {found[0]['InstanceId']} exists; up would change nothing")
+    elif found and not missing and not surplus:
+        print(f"{settings.name}: {', '.join(i['InstanceId'] for i in found)} exist(s); up would change nothing")
     else:
-        print(f"{settings.name}: up would launch {spec.instance_type} named {spec.server_name}")
+        if missing:
+            print(f"{settings.name}: up would launch {spec.instance_type} named {spec.server_name}"
+                  + (f" as node(s) {', '.join(map(str, missing))}" if spec.nnodes > 1 else ""))
+        if surplus:
+            print(f"{settings.name}: up would terminate node(s) {', '.join(map(str, surplus))}")
 
 
 @crimpl_task(help={"provisioner": "pulumi (default) or boto3", "yes": "do not ask for confirmation"})
@@ -262,25 +273,42 @@ def _confirm(yes, question):
 
 @crimpl_task
 def start(c, stack=None, instance_id=None, server=None):
-    """Start the server and wait until it runs."""
+    """Start the server (all its nodes) and wait until it runs."""
     target = resolve_server(stack, instance_id, server).start()
-    print(f"{target.instanceId}: {target.state} at {target.public_ip}")
+    for node in _acted_on(target):
+        print(f"{node.instanceId}: {node.state} at {node.public_ip}")
 
 
 @crimpl_task
 def stop(c, stack=None, instance_id=None, server=None):
-    """Stop the server (its disk is kept; compute billing stops)."""
+    """Stop the server, all nodes (disks kept; compute billing stops)."""
     target = resolve_server(stack, instance_id, server).stop()
-    print(f"{target.instanceId}: {target.state}")
+    for node in _acted_on(target):
+        print(f"{node.instanceId}: {node.state}")
+
+
+def _acted_on(target):
+    """What start/stop/terminate of ``target`` act on: every node of a server for its rank 0, else it."""
+    from .server import AWSEC2
+
+    if not isinstance(target, AWSEC2) or target.rank != 0:
+        return [target]
+    return target.nodes
 
 
 @crimpl_task(help={"yes": "do not ask for confirmation"})
 def terminate(c, stack=None, instance_id=None, server=None, yes=False):
-    """Terminate the server: it and its disk are deleted."""
+    """Terminate the server, all nodes: instances and disks deleted."""
+    from .server import AWSEC2
+
     target = resolve_server(stack, instance_id, server)
-    _confirm(yes, f"Terminate {target.instanceId} and delete its disk?")
+    if not isinstance(target, AWSEC2):
+        target.terminate()  # a server crimpl does not manage: refused in one line, before any question
+    ids = [node.instanceId for node in _acted_on(target)]
+    _confirm(yes, f"Terminate {', '.join(ids)} and delete {'their disks' if len(ids) > 1 else 'its disk'}?")
     target.terminate()
-    print(f"{target.instanceId}: terminated")
+    for instance_id in ids:
+        print(f"{instance_id}: terminated")
 
 
 @crimpl_task
@@ -293,19 +321,24 @@ def status(c, stack=None, instance_id=None, server=None):
     if target.instanceId == "local":
         print(f"local: jobs in {target.job_root}; latest job: {target.job_status}")
         return
-    from .ec2 import find_instances, state_of
+    from .ec2 import find_instances, rank_of, state_of
 
     info = target.describe()
     name = target.server_name
-    # Every instance that carries the name: more than one means a duplicate is billing.
+    # Every instance that carries the name: more than one per node means a duplicate is billing.
     same_name = find_instances(target.ec2_client, name=name) if name else []
     shown = same_name if target.instanceId in {i["InstanceId"] for i in same_name} else [info, *same_name]
-    if len(shown) > 1:
-        print(f"{len(shown)} instances carry the name {name} (there should be one; "
+    nodes = len({rank_of(i) for i in shown})
+    if len(shown) > nodes:
+        print(f"{len(shown)} instances carry the name {name} (there should be one per node; "
               "`crimpl destroy` ends all of them, `crimpl terminate --instance-id ID` one):")
-    for instance in shown:
-        print(f"{name or '-'}  {instance['InstanceId']}  {state_of(instance)}  {instance['InstanceType']}  "
-              f"{instance.get('PublicIpAddress') or '-'}")
+    if nodes > 1:
+        print(f"{name}: {nodes} nodes")
+    for instance in sorted(shown, key=rank_of):
+        node = f"node {rank_of(instance)}  " if nodes > 1 else ""
+        private = f"  {instance.get('PrivateIpAddress') or '-'}" if nodes > 1 else ""
+        print(f"{name or '-'}  {node}{instance['InstanceId']}  {state_of(instance)}  {instance['InstanceType']}  "
+              f"{instance.get('PublicIpAddress') or '-'}{private}")
     from .cost import costs_so_far
 
     spent = costs_so_far(ec2_client=target.ec2_client).get(target.instanceId)
@@ -354,8 +387,9 @@ def autostop(c, duration, down=False, stack=None, instance_id=None, server=None)
     target = resolve_server(stack, instance_id, server)
     if target.instanceId in (None, "local"):
         raise ConfigError("autostop needs an EC2 server: it shuts the server down from inside")
-    how = target.set_autostop(duration, down=down)
-    print(f"{target.instanceId}: {target.watchdog_summary() or 'autostop ' + duration}")
+    with target.connected():  # one SSH connection to install the watchdog and read it back
+        how = target.set_autostop(duration, down=down)
+        print(f"{target.instanceId}: {target.watchdog_summary() or 'autostop ' + duration}")
     if how == "detached":
         print(f"{target.instanceId}: launched before crimpl installed the watchdog: it runs until the next "
               "reboot; `crimpl autostop` again after a start", file=sys.stderr)
@@ -384,15 +418,20 @@ def list_(c):
     from .cost import costs_so_far
 
     so_far = costs_so_far()
-    print(f"{'ID':21} {'NAME':24} {'STATE':10} {'TYPE':12} {'IP':16} {'LAUNCHED':20} COST SO FAR")
+    # A node of a server of several is shown as NAME/RANK.
+    clusters = {r.name for r in rows if r.rank > 0}
+    print(f"{'ID':21} {'NAME[/NODE]':24} {'STATE':10} {'TYPE':12} {'IP':16} {'PRIVATE IP':16} {'LAUNCHED':20} "
+          "COST SO FAR")
     for r in rows:
         cost = so_far[r.instance_id].so_far if r.instance_id in so_far else "?"
-        print(f"{r.instance_id:21} {r.name:24} {r.state:10} {r.instance_type:12} "
-              f"{r.public_ip or '-':16} {r.launch_time:%Y-%m-%d %H:%M:%S}  {cost}")
-    names = [r.name for r in rows if r.name]
-    for name in sorted({n for n in names if names.count(n) > 1}):
-        ids = [r.instance_id for r in rows if r.name == name]
-        print(f"warning: {len(ids)} instances carry the name {name} ({', '.join(ids)}); there should be one: "
+        name = f"{r.name}/{r.rank}" if r.name in clusters else r.name
+        print(f"{r.instance_id:21} {name:24} {r.state:10} {r.instance_type:12} "
+              f"{r.public_ip or '-':16} {r.private_ip or '-':16} {r.launch_time:%Y-%m-%d %H:%M:%S}  {cost}")
+    nodes = [(r.name, r.rank) for r in rows if r.name]
+    for name, rank in sorted({n for n in nodes if nodes.count(n) > 1}):
+        ids = [r.instance_id for r in rows if (r.name, r.rank) == (name, rank)]
+        which = f"node {rank} of " if name in clusters else ""
+        print(f"warning: {len(ids)} instances carry {which}the name {name} ({', '.join(ids)}); there should be one: "
               "`crimpl destroy` ends all of them, `crimpl terminate --instance-id ID` one")
 
 
@@ -407,17 +446,55 @@ def list_(c):
     "allow-concurrent": "start even if another job is running",
     "quiet": "no progress bars",
     "retry-on-preemption": "start the job again up to N times when a spot preemption ends it",
+    "fallback-on-demand": "when a preempted spot server is gone, retry on on-demand capacity (not spot)",
+    "array": "run the script once per index, in Slurm's syntax: 0-99, 1,3,5-7, 0-99%10 (at most 10 at a time)",
+    "max-parallel": "at most N tasks of the array at a time (default: the %N of --array, else the CPU count)",
+    "nprocs": "Slurm only: tasks of the job (sbatch --ntasks)",
+    "walltime": "Slurm only: time limit of the job (sbatch --time), e.g. 2:00:00",
 })
 def submit(c, script, files=None, on_complete=None, name=None, allow_concurrent=False, quiet=False,
-           stack=None, instance_id=None, server=None, retry_on_preemption=0):
+           stack=None, instance_id=None, server=None, retry_on_preemption=0, fallback_on_demand=False,
+           array=None, max_parallel=None, nprocs=None, walltime=None):
     """Send SCRIPT and its files to the server and start it detached."""
     target = resolve_server(stack, instance_id, server)
-    job = target.submit_script(script, files=files or None, job_name=name, on_complete=on_complete,
-                               allow_concurrent=allow_concurrent, quiet=quiet,
-                               # Only where asked: a scheduler's kind (Slurm) has no spot notice.
-                               **({"retry_on_preemption": retry_on_preemption} if retry_on_preemption else {}))
-    follow = f"{command_name(c)} logs --job {job.job_name} --follow{_server_args(stack, instance_id, server)}"
-    print(f"submitted {job.job_name}: running (`{follow}`)")
+    options = {**_scheduler_options(target, _whole(nprocs, "--nprocs"), walltime),
+               **({"array": array} if array is not None else {}),
+               **({"max_parallel": _whole(max_parallel, "--max-parallel")} if max_parallel is not None else {})}
+    job = target.submit_script(script, files=files or None, job_name=name, on_complete=on_complete, quiet=quiet,
+                               # Only where asked: a scheduler's kind (Slurm) runs jobs side by side
+                               # by default (allow_concurrent=True), and has no spot notice.
+                               **({"allow_concurrent": True} if allow_concurrent else {}),
+                               **({"retry_on_preemption": retry_on_preemption} if retry_on_preemption else {}),
+                               **({"fallback_on_demand": True} if fallback_on_demand else {}), **options)
+    # What the server says now: a job a scheduler queued is pending, not running.
+    now = job.status()
+    index = f" --index {min(now.tasks)}" if now.tasks else ""
+    follow = f"{command_name(c)} logs --job {job.job_name}{index} --follow{_server_args(stack, instance_id, server)}"
+    array_of = f" (an array of {len(now.tasks)} tasks)" if now.tasks else ""
+    print(f"submitted {job.job_name}{array_of}: {now.state} (`{follow}`)")
+
+
+def _whole(value, flag):
+    """A whole-number option (``--index``, ``--nprocs``, ...) as a number; None when not given."""
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise JobError(f"{flag} takes a whole number, got {value!r}") from None
+
+
+def _scheduler_options(target, nprocs, walltime):
+    """``--nprocs`` and ``--walltime`` for a Slurm server; an error on a server without a scheduler."""
+    from .slurm import RemoteSlurmServer
+
+    options = {k: v for k, v in (("nprocs", nprocs), ("walltime", walltime)) if v is not None}
+    if options and not isinstance(target, RemoteSlurmServer):
+        flags = " and ".join(f"--{k}" for k in options)
+        raise JobError(f"{flags} {'go' if len(options) > 1 else 'goes'} to Slurm's sbatch; {target} has "
+                       "no scheduler: a job there has the "
+                       "whole server and no time limit (bound it in the script, e.g. `timeout 2h ./run`)")
+    return options
 
 
 @crimpl_task
@@ -431,28 +508,47 @@ def jobs(c, stack=None, instance_id=None, server=None):
 
 
 @crimpl_task(help={"job": "job name (default: the latest); `crimpl logs NAME` works too",
-                   "follow": "stream until the job ends; exit 5 unless it completed"})
-def logs(c, job=None, follow=False, stack=None, instance_id=None, server=None):
+                   "follow": "stream until the job ends; exit 5 unless it completed",
+                   "rank": "on a server of several nodes: this node's log (default: rank 0's)",
+                   "all-ranks": "on a server of several nodes: every node's log, lines prefixed [rank R]",
+                   "index": "of an array job: the log of this task"})
+def logs(c, job=None, follow=False, rank=None, all_ranks=False, stack=None, instance_id=None, server=None,
+         index=None):
     """Print a job's output (stdout and stderr)."""
-    found = resolve_server(stack, instance_id, server).get_job(job)
-    if not follow:
-        sys.stdout.write(found.logs())
-        return
-    found.logs(follow=True, stream=sys.stdout)
-    final = found.wait(interval=1.0)
+    target = resolve_server(stack, instance_id, server)
+    with target.connected():  # one SSH connection for the lookup, the log and the final state
+        found = target.get_job(job)
+        if rank is not None or all_ranks:
+            if follow:
+                raise JobError("--follow follows rank 0's log: leave out --rank and --all-ranks to follow")
+            sys.stdout.write(_ranks_of(target).rank_logs(found, rank=_rank(rank), all_ranks=all_ranks))
+            return
+        index = _whole(index, "--index")
+        if not follow:
+            sys.stdout.write(found.logs(index=index))
+            return
+        found.logs(follow=True, stream=sys.stdout, index=index)
+        # The follow of one task ends with that task; of a job, the job may still write its end.
+        final = found.wait(interval=1.0) if index is None else found.status().tasks[index]
     if final.state != "complete":
         raise Exit(f"crimpl: {found.job_name} {final}", code=ExitStatus.JOB_FAILED)
     print(f"crimpl: {found.job_name} {final}", file=sys.stderr)
 
 
-@crimpl_task(help={"job": "job name (default: the latest); `crimpl kill NAME` works too"})
-def kill(c, job=None, stack=None, instance_id=None, server=None):
+@crimpl_task(help={"job": "job name (default: the latest); `crimpl kill NAME` works too",
+                   "index": "of an array job: end only this task (one that waits never starts)"})
+def kill(c, job=None, stack=None, instance_id=None, server=None, index=None):
     """End a running job and everything it started."""
-    found = resolve_server(stack, instance_id, server).get_job(job)
-    if found.kill():
-        print(f"{found.job_name}: killed")
-    else:
-        print(f"{found.job_name}: not running ({found.status()})")
+    target = resolve_server(stack, instance_id, server)
+    with target.connected():  # one SSH connection for the lookup, the kill and the state
+        found = target.get_job(job)
+        index = _whole(index, "--index")
+        what = found.job_name if index is None else f"{found.job_name} task {index}"
+        if found.kill(index=index):
+            print(f"{what}: killed")
+        else:
+            now = found.status()
+            print(f"{what}: not running ({now if index is None else now.tasks[index]})")
 
 
 @crimpl_task(help={"older-than": "remove jobs that ended at least this many days ago (default 7)",
@@ -473,15 +569,42 @@ def clean(c, older_than=7, dry_run=False, stack=None, instance_id=None, server=N
     "dest": "local directory to fetch into, created if missing (default: the current folder)",
     "job": "job name (default: the latest)",
     "quiet": "no progress bars",
+    "rank": "on a server of several nodes: fetch from this node (default: rank 0)",
+    "all-ranks": "on a server of several nodes: fetch from every node, into DEST/rank-0/, DEST/rank-1/ ...",
 })
-def fetch(c, path, also=None, dest=".", job=None, quiet=False, stack=None, instance_id=None, server=None):
+def fetch(c, path, also=None, dest=".", job=None, quiet=False, rank=None, all_ranks=False, stack=None,
+          instance_id=None, server=None):
     """Copy a job's outputs into a local directory, whole files only."""
     folder = dest.rstrip("/") + "/"  # a trailing / makes the destination a directory, always
-    report = resolve_server(stack, instance_id, server).check_output([path, *(also or [])], folder,
-                                                                     job=job, quiet=quiet)
+    target = resolve_server(stack, instance_id, server)
+    if rank is not None or all_ranks:
+        reports = _ranks_of(target).check_output([path, *(also or [])], folder, job=job, quiet=quiet,
+                                                 rank=_rank(rank), all_ranks=all_ranks)
+        for node, report in (reports.items() if all_ranks else [(rank, reports)]):
+            where = f"{folder}rank-{node}/" if all_ranks else folder
+            print(f"fetched {len(report.files)} file(s) of rank {node} into {where}")
+        return
+    report = target.check_output([path, *(also or [])], folder, job=job, quiet=quiet)
     for replaced in report.replaced:
         print(f"replaced {replaced} (its content differed)", file=sys.stderr)
     print(f"fetched {len(report.files)} file(s) into {folder}")
+
+
+def _ranks_of(target):
+    """``target`` if its jobs can run on several nodes (an EC2 server), else the error to say so."""
+    if not hasattr(target, "rank_logs"):
+        raise JobError(f"--rank and --all-ranks are for EC2 servers of several nodes, not {target}")
+    return target
+
+
+def _rank(value):
+    """The ``--rank`` option as a number (None when not given)."""
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise JobError(f"--rank takes a node's rank (0, 1, ...), got {value!r}") from None
 
 
 @crimpl_task

@@ -15,12 +15,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import cost, ec2, hostkeys, pricing, ssh, watchdog
+from . import cluster, cost, ec2, hostkeys, pricing, ssh, watchdog
 from .config import AWSEC2_Config, InstanceSpec, build_spec, resolve_config, saved_config_names
 from .errors import ConfigError, CrimplError, InstanceNotFoundError, InstanceStateError, JobError, SSHError
 from .home import crimpl_home
 from .stackkeys import parse_duration
-from .jobs import JobsMixin
+from .jobs import JobsMixin, preemption
+from .jobs.api import shares_connection
 from .log import say, warn
 
 
@@ -28,7 +29,12 @@ class AWSEC2(JobsMixin):
     """A crimpl-managed EC2 instance.
 
     Attach to an existing instance by id (``AWSEC2("i-...")``) or by server name
-    (``AWSEC2(server_name="...")``); launch a new one with :meth:`new`.
+    (``AWSEC2(server_name="...")``, which gives its node of rank 0); launch a new one with :meth:`new`.
+
+    A server may have several nodes (``nnodes``): instances of one name, tagged
+    with their rank ``0`` to ``N-1``. The object of rank 0 stands for the whole
+    server: its :meth:`start`, :meth:`stop` and :meth:`terminate` act on every
+    node. The objects in :attr:`nodes` stand for one node each and act on that one only.
 
     :param instanceId: the EC2 instance id.
     :param server_name: the ``crimpl:name`` tag to look the instance up by.
@@ -44,11 +50,13 @@ class AWSEC2(JobsMixin):
             raise ConfigError("give exactly one of instanceId or server_name")
         self._config = config
         self._ec2 = ec2_client
-        if instanceId is not None:
-            self.instanceId = instanceId
-            self._describe()  # fail now, with a clear message, for an id that does not exist
-        else:
-            self.instanceId = _find_by_name(self.ec2_client, server_name)["InstanceId"]
+        self._node_only = False
+        # Looked up now: an id that does not exist fails here, with a clear message. The name is
+        # kept (a server's name never changes), so finding its nodes later is one EC2 call.
+        instance = (ec2.describe(self.ec2_client, instanceId) if instanceId is not None
+                    else _find_by_name(self.ec2_client, server_name))
+        self.instanceId = instance["InstanceId"]
+        self._name = ec2.tags_of(instance).get(ec2.NAME_TAG)
 
     def __repr__(self):
         return f"<AWSEC2 {self.instanceId}>"
@@ -89,7 +97,44 @@ class AWSEC2(JobsMixin):
     @property
     def server_name(self):
         """The server's name (its ``crimpl:name`` tag)."""
-        return self.tags.get(ec2.NAME_TAG)
+        if self.__dict__.get("_name") is None:
+            self._name = self.tags.get(ec2.NAME_TAG)
+        return self._name
+
+    @property
+    def rank(self) -> int:
+        """This node's rank, ``0`` to ``nnodes - 1`` (its ``crimpl:node-rank`` tag; 0 without one)."""
+        return ec2.rank_of(self._describe())
+
+    @property
+    def nodes(self) -> list[AWSEC2]:
+        """One object per live node of this server, sorted by rank; each acts on its node only."""
+        name = self.server_name
+        found = ec2.find_nodes(self.ec2_client, name) if name else []
+        if not found:  # a server on its way out (or with no name tag): just this instance
+            return [self._node_object(self._describe())]
+        return [self._node_object(instance) for instance in found]
+
+    @property
+    def nnodes(self) -> int:
+        """How many live nodes the server has."""
+        return len(self.nodes)
+
+    def _node_object(self, instance):
+        node = type(self).__new__(type(self))
+        node._config, node._ec2, node._node_only = self._config, self.ec2_client, True
+        node.instanceId = instance["InstanceId"]
+        node._name = ec2.tags_of(instance).get(ec2.NAME_TAG)
+        return node
+
+    def _lifecycle_nodes(self):
+        """The nodes start/stop/terminate act on: every node for rank 0's object, else this one."""
+        instance = self._describe()
+        if self._node_only or ec2.rank_of(instance) != 0:
+            return [self]
+        name = ec2.tags_of(instance).get(ec2.NAME_TAG)
+        others = [i for i in ec2.find_nodes(self.ec2_client, name) if ec2.rank_of(i) != 0] if name else []
+        return [self, *(self._node_object(i) for i in others)]
 
     @property
     def state(self):
@@ -128,8 +173,8 @@ class AWSEC2(JobsMixin):
             server_name: str | None = None, *, instance_type: str | None = None, wait: bool = True,
             timeout: float = ec2.DEFAULT_TIMEOUT, ssh_cidrs: list[str] | None = None,
             autostop: str | None = None, max_lifetime: str | None = None, autostop_down: bool | None = None,
-            ec2_client: Any = None) -> AWSEC2:
-        """Launch a new instance and return it.
+            nnodes: int | None = None, placement: str | None = None, ec2_client: Any = None) -> AWSEC2:
+        """Launch a new server and return it (its node of rank 0).
 
         :param config: an :class:`AWSEC2_Config`, a saved config name, or None
             for the only saved config.
@@ -145,10 +190,13 @@ class AWSEC2(JobsMixin):
         :param max_lifetime: stop it this long after launch however busy it is (``"12h"``);
             default: the config's ``max_lifetime``.
         :param autostop_down: the two above terminate instead of stopping.
+        :param nnodes: how many nodes (instances of ranks ``0`` to ``nnodes - 1``); default: the config's (1).
+        :param placement: ``"cluster"``: the nodes go in a cluster placement group; default: the config's.
         """
         config = resolve_config(config)
         overrides = {name: value for name, value in (
             ("autostop", autostop), ("max_lifetime", max_lifetime), ("autostop_down", autostop_down),
+            ("nnodes", nnodes), ("placement", placement),
         ) if value is not None}
         if overrides:
             config = AWSEC2_Config(**{**config.to_dict(), **overrides})
@@ -171,56 +219,102 @@ class AWSEC2(JobsMixin):
     @classmethod
     def up(cls, spec: InstanceSpec, config: AWSEC2_Config, *, ec2_client: Any = None, wait: bool = True,
            timeout: float = ec2.DEFAULT_TIMEOUT) -> tuple[AWSEC2, bool]:
-        """Make sure the server of ``spec`` exists: return ``(server, launched)``.
+        """Make sure the server of ``spec`` exists with ``spec.nnodes`` nodes: return ``(server, launched)``.
 
-        Idempotent: when a live instance with the spec's name exists, it is
-        returned unchanged (``launched`` False) and nothing is created. Two
-        calls at the same moment (two ``crimpl up``) leave one instance: EC2
-        launches once per client token, and on an endpoint that ignores tokens
-        the re-check after launch (:func:`crimpl.ec2.settle`) terminates the extra one.
+        Idempotent: when every node of the spec is live, rank 0 is returned
+        unchanged (``launched`` False) and nothing is created. A missing node is
+        launched (``launched`` True); a node of rank ``spec.nnodes`` or more is
+        terminated, highest rank first; both are said. Two calls at the same
+        moment (two ``crimpl up``) leave one instance per rank: EC2 launches once
+        per client token, and on an endpoint that ignores tokens the re-check
+        after launch (:func:`crimpl.ec2.settle`) terminates the extra one.
         """
         client = ec2_client or ec2.client(spec.region or config.region)
-        existing = ec2.find_instances(client, name=spec.server_name, states=ec2.LIVE_STATES)
-        if existing:
-            return cls(existing[0]["InstanceId"], config=config, ec2_client=client), False
-        return cls._launch(spec, config, client, wait=wait, timeout=timeout)
+        nodes = {ec2.rank_of(i): i for i in ec2.find_nodes(client, spec.server_name)}
+        surplus = sorted((rank for rank in nodes if rank >= spec.nnodes), reverse=True)
+        if surplus:
+            cls._remove_nodes(spec, client, [nodes.pop(rank) for rank in surplus], timeout)
+        missing = [rank for rank in range(spec.nnodes) if rank not in nodes]
+        if not missing:
+            return cls(nodes[0]["InstanceId"], config=config, ec2_client=client), False
+        if nodes:
+            say(f"{spec.server_name}: {len(nodes)} of {spec.nnodes} nodes are up: launching node(s) "
+                f"{', '.join(map(str, missing))}")
+        server, launched = cls._launch(spec, config, client, wait=wait, timeout=timeout, ranks=missing)
+        if 0 in nodes:
+            server = cls(nodes[0]["InstanceId"], config=config, ec2_client=client)
+        return server, launched
+
+    @staticmethod
+    def _remove_nodes(spec, client, instances, timeout):
+        """Terminate the nodes ``instances`` (highest rank first), wait, and forget their host keys."""
+        ids = [i["InstanceId"] for i in instances]
+        say(f"{spec.server_name}: {spec.nnodes} node(s) wanted: terminating "
+            + ", ".join(f"node {ec2.rank_of(i)} ({i['InstanceId']})" for i in instances))
+        for instance_id in ids:
+            ec2.terminate(client, instance_id)
+            cost.record(instance_id, "terminated")
+        for instance_id in ids:
+            ec2.wait_for_state(client, instance_id, "terminated", timeout=timeout)
+            hostkeys.unpin(instance_id)
 
     @classmethod
-    def _launch(cls, spec, config, client, wait, timeout):
-        """Launch the instance of ``spec``; return ``(server, launched)`` as :meth:`up` does."""
+    def _launch(cls, spec, config, client, wait, timeout, ranks=None):
+        """Launch nodes ``ranks`` of ``spec`` (default: all); return ``(server, launched)`` as :meth:`up`
+        does, for the first of ``ranks``."""
+        ranks = list(range(spec.nnodes) if ranks is None else ranks)
         cidrs = spec.ssh_cidrs
         if not cidrs and not spec.security_group_id:
             from .caller import caller_cidr
 
             cidrs = (caller_cidr(),)
-        say(f"launching {spec.instance_type} as {spec.server_name}")
-        instance, launched = ec2.launch(client, spec, cidrs)
-        if launched:
-            # Pin the host key before anything can connect: the first connection is already verified.
-            hostkeys.pin(instance["InstanceId"], spec.host_public_key)
-            cost.record(instance["InstanceId"], "launched", name=spec.server_name,
-                        instance_type=spec.instance_type, volume_gib=spec.volume_size, spot=spec.spot)
+        what = f"{len(ranks)} x {spec.instance_type}" if spec.nnodes > 1 else spec.instance_type
+        say(f"launching {what} as {spec.server_name}")
+        results = ec2.launch_nodes(client, spec, cidrs, ranks)
+        for rank, (instance, launched) in zip(ranks, results):
+            if launched:
+                # Pin the host key before anything can connect: the first connection is already verified.
+                hostkeys.pin(instance["InstanceId"], spec.node(rank).host_public_key)
+                cost.record(instance["InstanceId"], "launched", name=spec.server_name,
+                            instance_type=spec.instance_type, volume_gib=spec.volume_size, spot=spec.spot)
         if wait:
-            try:
-                ec2.wait_for_state(client, instance["InstanceId"], "running", timeout=timeout)
-            except InstanceStateError as exc:
-                if exc.state != "terminated":
-                    raise
-            # Settle again: a launch in the same second as ours may have been invisible to the first look.
-            kept, _ = ec2.settle(client, spec.server_name)
-            if kept is None:
-                raise InstanceStateError(f"{spec.server_name} was terminated while it started: run up again",
-                                         instance["InstanceId"], "terminated")
-            if kept["InstanceId"] != instance["InstanceId"]:
-                ec2.wait_for_state(client, kept["InstanceId"], ("running", "stopped"), timeout=timeout)
-                instance, launched = kept, False
+            results = [cls._settled(spec, client, rank, instance, launched, timeout)
+                       for rank, (instance, launched) in zip(ranks, results)]
+        instance, launched = results[0]
         return cls(instance["InstanceId"], config=config, ec2_client=client), launched
 
+    @staticmethod
+    def _settled(spec, client, rank, instance, launched, timeout):
+        """Wait until node ``rank`` runs; return ``(instance, launched)`` of the one that stayed."""
+        try:
+            ec2.wait_for_state(client, instance["InstanceId"], "running", timeout=timeout)
+        except InstanceStateError as exc:
+            if exc.state != "terminated":
+                raise
+        # Settle again: a launch in the same second as ours may have been invisible to the first look.
+        kept, _ = ec2.settle(client, spec.server_name, rank=rank)
+        if kept is None:
+            raise InstanceStateError(f"node {rank} of {spec.server_name} was terminated while it started: "
+                                     "run up again", instance["InstanceId"], "terminated")
+        if kept["InstanceId"] != instance["InstanceId"]:
+            ec2.wait_for_state(client, kept["InstanceId"], ("running", "stopped"), timeout=timeout)
+            return kept, False
+        return instance, launched
+
     def start(self, wait: bool = True, timeout: float = ec2.DEFAULT_TIMEOUT) -> AWSEC2:
-        """Start the instance (waiting until it runs unless ``wait=False``).
+        """Start the instance (waiting until it runs unless ``wait=False``); rank 0's object starts every node.
 
         :raises InstanceStateError: if it is terminated.
         """
+        nodes = self._lifecycle_nodes()
+        for node in nodes:
+            node._start_one(timeout)
+        if wait:
+            for node in nodes:
+                ec2.wait_for_state(node.ec2_client, node.instanceId, "running", timeout=timeout)
+        return self
+
+    def _start_one(self, timeout):
         state = self.state
         if state in ("terminated", "shutting-down"):
             raise InstanceStateError(
@@ -232,15 +326,21 @@ class AWSEC2(JobsMixin):
         if state not in ("running", "pending"):
             ec2.start(self.ec2_client, self.instanceId)
             cost.record(self.instanceId, "started")
-        if wait:
-            ec2.wait_for_state(self.ec2_client, self.instanceId, "running", timeout=timeout)
-        return self
 
     def stop(self, wait: bool = True, timeout: float = ec2.DEFAULT_TIMEOUT) -> AWSEC2:
-        """Stop the instance (its disk is kept; compute billing stops).
+        """Stop the instance (its disk is kept; compute billing stops); rank 0's object stops every node.
 
         :raises InstanceStateError: if it is terminated.
         """
+        nodes = self._lifecycle_nodes()
+        for node in nodes:
+            node._stop_one()
+        if wait:
+            for node in nodes:
+                ec2.wait_for_state(node.ec2_client, node.instanceId, "stopped", timeout=timeout)
+        return self
+
+    def _stop_one(self):
         state = self.state
         if state in ("terminated", "shutting-down"):
             raise InstanceStateError(f"{self} is {state}; there is nothing to stop",
@@ -248,27 +348,30 @@ class AWSEC2(JobsMixin):
         if state not in ("stopped", "stopping"):
             ec2.stop(self.ec2_client, self.instanceId)
             cost.record(self.instanceId, "stopped")
-        if wait:
-            ec2.wait_for_state(self.ec2_client, self.instanceId, "stopped", timeout=timeout)
-        return self
 
     def terminate(self, wait: bool = True, timeout: float = ec2.DEFAULT_TIMEOUT) -> AWSEC2:
-        """Terminate the instance and everything crimpl created for it.
+        """Terminate the instance and everything crimpl created for it; rank 0's object ends every node.
 
-        With ``wait`` (the default) it also deletes the key pair and security
-        group crimpl created for this server, which AWS allows only once the
-        instance is gone, and forgets the pinned host key.
+        With ``wait`` (the default) it also deletes the key pair, security group
+        and placement group crimpl created for this server once its last instance
+        is gone (AWS allows it only then), and forgets the pinned host keys.
         """
         name = self.server_name
-        if self.state != "terminated":
-            ec2.terminate(self.ec2_client, self.instanceId)
-            cost.record(self.instanceId, "terminated")
+        nodes = self._lifecycle_nodes()
+        for node in nodes:
+            if node.state != "terminated":
+                ec2.terminate(node.ec2_client, node.instanceId)
+                cost.record(node.instanceId, "terminated")
         if wait:
-            ec2.wait_for_state(self.ec2_client, self.instanceId, "terminated", timeout=timeout)
-            # A duplicate of the name may still use the security group: the last one removes it.
+            for node in nodes:
+                ec2.wait_for_state(node.ec2_client, node.instanceId, "terminated", timeout=timeout)
+            # A duplicate or another node of the name may still use the groups: the last one removes them.
             if name and not ec2.find_instances(self.ec2_client, name=name):
                 ec2.delete_created_resources(self.ec2_client, name)
-            hostkeys.unpin(self.instanceId)
+            for node in nodes:
+                hostkeys.unpin(node.instanceId)
+        if name:
+            preemption.forget(name)  # terminated on purpose: no job of it is relaunched
         return self
 
     # -- SSH ---------------------------------------------------------------------
@@ -288,7 +391,10 @@ class AWSEC2(JobsMixin):
 
     def connection(self, start=False):
         """Return an unopened fabric Connection to the instance, with its host key pinned."""
-        instance = self._running_instance(start)
+        return self._connection_to(self._running_instance(start))
+
+    def _connection_to(self, instance):
+        """An unopened Connection to ``instance`` (its description), its host key pinned."""
         config = self.config
         return ssh.connection(
             self._host(instance), config.username, config.KeyFile, self.instanceId,
@@ -311,6 +417,7 @@ class AWSEC2(JobsMixin):
         self.start()
         return self._describe()
 
+    @shares_connection
     @contextlib.contextmanager
     def session(self, start=True, timeout=None):
         """Yield one open SSH connection, used for every command and transfer in the block.
@@ -318,11 +425,20 @@ class AWSEC2(JobsMixin):
         :param start: start the instance first if it is stopped (and say so).
         :param timeout: seconds to wait for SSH (default: the config's ``ssh_timeout``).
         """
-        tags = self.tags
-        conn = ssh.open_when_ready(lambda: self.connection(start=start), timeout=timeout or self.config.ssh_timeout,
-                                   label=f"{tags.get(ec2.NAME_TAG)} ({self.instanceId})")
+        # One DescribeInstances gives the state, the address and the host key's tag; it is
+        # asked again only by the retries of an instance that is still booting.
+        first = [self._running_instance(start)]
+        used = []
+
+        def connect():
+            used.append(first.pop() if first else self._running_instance(start))
+            return self._connection_to(used[-1])
+
+        name = ec2.tags_of(first[0]).get(ec2.NAME_TAG)
+        conn = ssh.open_when_ready(connect, timeout=timeout or self.config.ssh_timeout,
+                                   label=f"{name} ({self.instanceId})")
         try:
-            hostkeys.rotate(conn, self.instanceId, tags,
+            hostkeys.rotate(conn, self.instanceId, ec2.tags_of(used[-1]),
                             lambda new: ec2.set_tags(self.ec2_client, self.instanceId, new))
             yield conn
         finally:
@@ -339,6 +455,64 @@ class AWSEC2(JobsMixin):
     def _prepare_on_complete(self, on_complete):
         # The wrapper only shuts the machine down; this attribute decides stop or terminate.
         ec2.set_shutdown_behavior(self.ec2_client, self.instanceId, on_complete)
+
+    # -- one job over every node (crimpl.cluster) -----------------------------------
+
+    def _runs_clusters(self, fresh: bool = False) -> bool:
+        """Do jobs here run on several nodes? True for rank 0's object of a server of several nodes.
+
+        EC2 is asked once per object, and again at each submit: status polls reuse the answer,
+        and a server of one node pays no SSH command for it.
+        """
+        if fresh or "_several_nodes" not in self.__dict__:
+            self.__dict__["_several_nodes"] = not self._node_only and self.nnodes > 1
+        return self.__dict__["_several_nodes"]
+
+    def submit_script(self, script, files=None, **kwargs):
+        """Send ``script`` and ``files`` and start them; see :meth:`crimpl.jobs.JobsMixin.submit_script`.
+
+        On a server of several nodes the job runs on every node (:func:`crimpl.cluster.submit_script`,
+        which also takes ``nprocs_per_node``).
+        """
+        if self._runs_clusters(fresh=True):
+            return cluster.submit_script(self, script, files, **kwargs)
+        return super().submit_script(script, files, **kwargs)
+
+    def resubmit(self, job, files=None, **kwargs):
+        """Run a job again in place; see :meth:`crimpl.jobs.JobsMixin.resubmit` (every node's, on several)."""
+        if self._runs_clusters(fresh=True):
+            return cluster.resubmit(self, job, files, **kwargs)
+        return super().resubmit(job, files, **kwargs)
+
+    def _read_statuses(self, conn, names=None) -> dict:
+        statuses = super()._read_statuses(conn, names)
+        return cluster.read_statuses(conn, self.job_root, statuses) if self._runs_clusters() else statuses
+
+    def _kill(self, conn, name, *args, **kwargs) -> bool:
+        killed = cluster.kill(conn, self.job_root, name) if self._runs_clusters() else None
+        return super()._kill(conn, name, *args, **kwargs) if killed is None else killed
+
+    def _stream_log(self, conn, name, offset, *args, **kwargs):
+        if self._runs_clusters():
+            return cluster.stream_log(conn, self.job_root, name, offset=offset)
+        return super()._stream_log(conn, name, offset, *args, **kwargs)
+
+    def rank_logs(self, job=None, *, rank: int | None = None, all_ranks: bool = False) -> str:
+        """Return a job's log on node ``rank`` (default 0), or every node's, lines prefixed ``[rank R] ``."""
+        return cluster.rank_logs(self, job, rank=rank, all_ranks=all_ranks)
+
+    def check_output(self, server_path, local_path=".", *, job=None, quiet: bool = False,
+                     rank: int | None = None, all_ranks: bool = False):
+        """Copy a job's outputs to ``local_path``; see :meth:`crimpl.jobs.JobsMixin.check_output`.
+
+        :param rank: the node to copy from (default 0).
+        :param all_ranks: copy from every node, into ``rank-0/``, ``rank-1/`` ... under ``local_path``;
+            the result is then ``{rank: report}``.
+        """
+        if rank is None and not all_ranks:
+            return super().check_output(server_path, local_path, job=job, quiet=quiet)
+        return cluster.check_output(self, server_path, local_path, job=job, quiet=quiet, rank=rank,
+                                    all_ranks=all_ranks)
 
     # -- the watchdog on the instance ---------------------------------------------
 
@@ -372,21 +546,59 @@ class AWSEC2(JobsMixin):
         """Is this a spot instance?"""
         return self._describe().get("InstanceLifecycle") == "spot"
 
-    def _relaunch_after_preemption(self) -> bool:
-        """Start this server again if it is a spot instance its preemption stopped; True if it did.
+    def _relaunch_after_preemption(self, job) -> bool | None | Any:
+        """What a look at ``job`` does when this spot server cannot be reached (:mod:`crimpl.jobs.preemption`).
 
-        EC2 may refuse: the Spot service itself restarts an interrupted instance once it has
-        capacity. Then this says so and returns False (the wait ends saying the server stopped).
+        A preemption stopped it and ``job`` was submitted here with retries: start it again
+        (True if it did; EC2 may refuse, since the Spot service itself restarts an interrupted
+        instance once it has capacity: then this says so and returns None). Its instance is
+        gone: launch new capacity and submit the job there (True), or return the job's final
+        status once its retries are spent. Anything else: None.
         """
-        if self.state not in ("stopping", "stopped") or not self.spot:
-            return False
         try:
-            self.start()
-        except CrimplError as exc:
-            warn(f"{self} was stopped by a spot interruption and could not be started again ({exc}); "
-                 "EC2 restarts it when it has capacity: look at the job again then")
-            return False
-        return True
+            instance = self._describe()
+        except CrimplError:  # EC2 unreachable too: the wait counts a failure
+            return None
+        state = ec2.state_of(instance)
+        if instance.get("InstanceLifecycle") != "spot":
+            return None
+        if state in ("stopping", "stopped") and job.retry_on_preemption:
+            try:
+                self.start()
+            except CrimplError as exc:
+                warn(f"{self} was stopped by a spot interruption and could not be started again ({exc}); "
+                     "EC2 restarts it when it has capacity: look at the job again then")
+                return None
+            return True
+        # An instance that shut itself down (on_complete, autostop, its lifetime) was not preempted.
+        if state in ("shutting-down", "terminated") and \
+                instance.get("StateReason", {}).get("Code") != "Client.InstanceInitiatedShutdown":
+            return preemption.relaunch(self, job)
+        return None
+
+    def relaunch(self, spot: bool = True, timeout: float = ec2.DEFAULT_TIMEOUT) -> AWSEC2:
+        """Launch new capacity for this node, its instance being gone; this object then stands for it.
+
+        Same server name, rank, instance type and config, a new host key (pinned before the
+        first connection); the server's other nodes are kept as they are.
+
+        :param spot: a spot instance (default), else on-demand.
+        :raises InstanceStateError: if the instance is not gone.
+        """
+        instance = self._describe()
+        state = ec2.state_of(instance)
+        if state not in ("shutting-down", "terminated"):
+            raise InstanceStateError(f"{self} is {state}, not gone: start it instead of launching another",
+                                     self.instanceId, state)
+        name, rank = ec2.tags_of(instance).get(ec2.NAME_TAG), ec2.rank_of(instance)
+        live = ec2.find_nodes(self.ec2_client, name)
+        nnodes = max([rank] + [ec2.rank_of(i) for i in live]) + 1
+        config = AWSEC2_Config(**{**self.config.to_dict(), "spot": spot, "nnodes": nnodes})
+        spec = build_spec(config, server_name=name, instance_type=instance["InstanceType"])
+        type(self).up(spec, config, ec2_client=self.ec2_client, timeout=timeout)
+        self.instanceId = next(i["InstanceId"] for i in ec2.find_nodes(self.ec2_client, name)
+                               if ec2.rank_of(i) == rank)
+        return self
 
     def watchdog_status(self, timeout: float | None = None) -> watchdog.WatchdogStatus | None:
         """Return what the watchdog on the server last reported (None: it never ran there).
@@ -482,6 +694,9 @@ class InstanceInfo:
     launch_time: datetime
     public_ip: str | None
     estimated_cost_usd: float | None
+    #: the node's rank in its server (0 for a server of one node).
+    rank: int = 0
+    private_ip: str | None = None
 
 
 def list_instances(region: str | None = None, ec2_client: Any = None) -> list[InstanceInfo]:
@@ -501,6 +716,7 @@ def list_instances(region: str | None = None, ec2_client: Any = None) -> list[In
             state=state, instance_type=inst["InstanceType"], launch_time=inst["LaunchTime"],
             public_ip=inst.get("PublicIpAddress"),
             estimated_cost_usd=pricing.estimated_cost(inst["InstanceType"], hours),
+            rank=ec2.rank_of(inst), private_ip=inst.get("PrivateIpAddress"),
         ))
     return rows
 
@@ -573,6 +789,7 @@ def destroy_server(server_name: str, *, region: str | None = None, ec2_client: A
         ec2.wait_for_state(client, instance_id, "terminated", timeout=timeout)
     report.terminated = alive
     report.removed = ec2.delete_created_resources(client, server_name)
+    preemption.forget(server_name)
     for instance in known:
         if hostkeys.pinned_key(instance["InstanceId"]) is not None:
             hostkeys.unpin(instance["InstanceId"])
@@ -581,8 +798,9 @@ def destroy_server(server_name: str, *, region: str | None = None, ec2_client: A
 
 
 def _find_by_name(client, server_name):
-    # The server is the first launched of the name (see ec2.settle); one on its way out only if none other.
-    found = ec2.find_instances(client, name=server_name, states=ec2.LIVE_STATES)
+    # The server is its node of rank 0 (the first launched of that rank, see ec2.settle), else its
+    # lowest live rank; one on its way out only if none other.
+    found = ec2.find_nodes(client, server_name)
     found = found or ec2.find_instances(client, name=server_name)
     if not found:
         names = sorted({ec2.tags_of(i).get(ec2.NAME_TAG, "") for i in ec2.find_instances(client)})

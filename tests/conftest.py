@@ -1,13 +1,20 @@
 """Fixtures: a real EC2 endpoint (moto_server), real sshd servers, an isolated CRIMPL_HOME."""
 
 import getpass
+import json
+import os
+import signal
+import sys
+import textwrap
+import typing
 
 import boto3
 import pytest
 
 from sandbox import (SSH_CIDRS, MotoServer, Sshd, SSHRoutes, instance_addresses, instance_host_key,
-                     make_client_key, start_pinned_sshd)
+                     make_client_key, start_pinned_sshd, wait_until)
 
+import crimpl
 from crimpl.config import AWSEC2_Config
 
 
@@ -72,6 +79,28 @@ def connect(sshd):
 def ec2(aws):
     """A plain boto3 client on moto_server, to check what crimpl did."""
     return boto3.client("ec2")
+
+
+class ClusterNetwork(typing.NamedTuple):
+    """A VPC and subnet on moto_server whose instances get loopback private IPs (127.<k>.1.4, ...)."""
+
+    subnet_id: str
+    cidr: str  # the subnet's, e.g. 127.101.1.0/24
+    vpc_id: str
+
+
+@pytest.fixture
+def cluster_network(ec2):
+    """A VPC ``127.<k>.0.0/16`` with a subnet ``127.<k>.1.0/24`` on moto_server: a server launched
+    there (``SubnetId``) has nodes whose private IPs are loopback addresses, so a test can run each
+    node's sshd on its own private IP. ``k`` is per pytest-xdist worker (gw0 -> 100, gw1 -> 101, ...),
+    so two workers, each with its own moto_server, never hand out the same address."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    k = 100 + (int(worker) if worker.isdigit() else 0) % 150
+    vpc_id = ec2.create_vpc(CidrBlock=f"127.{k}.0.0/16")["Vpc"]["VpcId"]
+    cidr = f"127.{k}.1.0/24"
+    subnet_id = ec2.create_subnet(VpcId=vpc_id, CidrBlock=cidr)["Subnet"]["SubnetId"]
+    return ClusterNetwork(subnet_id, cidr, vpc_id)
 
 
 @pytest.fixture
@@ -207,3 +236,102 @@ def slurm_host(slurm_cluster, tmp_path, key_file, monkeypatch):
     host.sshd.start()
     yield host
     host.sshd.stop()
+
+
+# -- a sandbox instance with its own sshd and home (test_watchdog.py, test_preemption.py) --------
+
+
+def _recording_shutdown(tmp_path, instance_id, endpoint, status_file):
+    """A shutdown command that records the watchdog's status and asks moto to act on the instance."""
+    record = tmp_path / "shutdown-record.json"
+    script = tmp_path / "fake-shutdown.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, boto3
+        ec2 = boto3.client("ec2", region_name="us-east-1", endpoint_url={endpoint!r},
+                           aws_access_key_id="testing", aws_secret_access_key="testing")
+        behavior = ec2.describe_instance_attribute(
+            InstanceId={instance_id!r}, Attribute="instanceInitiatedShutdownBehavior",
+        )["InstanceInitiatedShutdownBehavior"]["Value"]
+        status = json.loads(open({str(status_file)!r}).read())
+        json.dump({{"status_at_call": status, "behavior": behavior}}, open({str(record)!r}, "w"))
+        if behavior == "terminate":
+            ec2.terminate_instances(InstanceIds=[{instance_id!r}])
+        else:
+            ec2.stop_instances(InstanceIds=[{instance_id!r}])
+    """))
+    return f"{sys.executable} {script}", record
+
+
+class Instance:
+    """A sandbox instance: moto's instance, its sshd with its own home, and the watchdog's files."""
+
+    def __init__(self, server, sshd, home, record):
+        self.server, self.sshd, self.home, self.record = server, sshd, home, record
+        self.folder = home / "crimpl" / "watchdog"
+
+    def status(self):
+        try:
+            return json.loads((self.folder / "status").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def state_value(self, name):
+        return int((self.folder / "state" / name).read_text())
+
+    def fired(self):
+        return json.loads(self.record.read_text()) if self.record.exists() else None
+
+    def looked_past(self, since, seconds, busy=None):
+        """Wait until the watchdog looked ``seconds`` after ``since`` (its clock); return that look."""
+        def look():
+            status = self.status()
+            if status and status["checked"] >= since + seconds and (busy is None or status["busy"] == busy):
+                return status
+            return None
+        return wait_until(look, timeout=30, what=f"a look {seconds} s after {since}")
+
+    def watchdog_pid(self):
+        try:
+            return int((self.folder / "state" / "pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+
+@pytest.fixture
+def instance(aws, key_file, login_user, ssh_routes, tmp_path):
+    """Launch an instance and serve it from an sshd with its own home, as the sandbox does."""
+    started = []
+
+    def launch(name="wd", spot=False, **kwargs):
+        config = crimpl.AWSEC2_Config(KeyFile=str(key_file), username=login_user, ssh_cidrs=["127.0.0.1/32"],
+                                      ssh_timeout=20, use_private_ip=True, spot=spot)
+        server = crimpl.AWSEC2.new(config, nprocs=2, server_name=name, **kwargs)
+        home = tmp_path / f"home-{name}"
+        status = home / "crimpl" / "watchdog" / "status"
+        command, record = _recording_shutdown(tmp_path, server.instanceId, aws.url, status)
+        server._config = crimpl.AWSEC2_Config(**{**config.to_dict(), "shutdown_command": command})
+        server._config.save("test")  # what the crimpl command attaches with
+        sshd = Sshd(tmp_path / f"sshd-{name}", instance_host_key(server.instanceId, aws.environ()),
+                    key_file.with_suffix(".pub").read_text(), home=home)
+        for address in instance_addresses(server.instanceId, aws.environ()):
+            ssh_routes.add(address, sshd.port)
+        sshd.start()
+        inst = Instance(server, sshd, home, record)
+        started.append(inst)
+        return inst
+
+    yield launch
+    for inst in started:
+        pid = inst.watchdog_pid()
+        # Only the watchdog this test started, by its id (it exits by itself once it fired).
+        if pid and inst.folder.exists() and b"watchdog.sh" in _cmdline(pid):
+            os.kill(pid, signal.SIGTERM)
+        inst.sshd.stop()
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""

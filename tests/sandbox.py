@@ -249,10 +249,11 @@ class Sshd:
     :param die_with_parent: end sshd when the thread that started it ends (see
         :func:`die_with_parent`).
     :param env: more variables its sessions get (``SetEnv``), e.g. a login node's ``SLURM_CONF``.
+    :param listen: more ``address:port`` to listen on, e.g. a cluster node's private IP and port 22.
     """
 
     def __init__(self, workdir, host_private_pem, authorized_public, port=None, home=None,
-                 die_with_parent=False, env=None):
+                 die_with_parent=False, env=None, listen=()):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -267,6 +268,7 @@ class Sshd:
         self.home = Path(home) if home else None
         self.die_with_parent = die_with_parent
         self.env = dict(env or {})
+        self.listen = list(listen)
         self.process = None
 
     def _login_lines(self):
@@ -292,6 +294,7 @@ class Sshd:
         self.config.write_text(
             f"Port {self.port}\n"
             "ListenAddress 127.0.0.1\n"
+            + "".join(f"ListenAddress {address}\n" for address in self.listen) +
             f"HostKey {self.host_key}\n"
             f"AuthorizedKeysFile {self.authorized_keys}\n"
             f"PidFile {self.pid_file}\n"

@@ -10,11 +10,13 @@ with :class:`~crimpl.errors.JobUnreachableError`, which names the job's last sta
 
 import codecs
 import contextlib
+import functools
 import os
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -28,8 +30,10 @@ from ..errors import (
     SSHNotReadyError,
     TransferError,
 )
+from ..ssh import counted
 from ..transfer.store import DEFAULT_CAP, CleanReport
-from . import preemption, protocol
+from . import arrays, preemption, protocol
+from .legacy import LegacyJobNames, LegacyServerNames
 from .protocol import COMMANDS_SCRIPT, ON_COMPLETE, STATES, WRAPPER, check_job_name, job_dir
 
 #: The errors that mean "the server cannot be reached now"; only they make a state ``unknown``.
@@ -51,6 +55,7 @@ class JobStatus:
     :param ended: UTC ISO time it ended.
     :param on_complete: ``stop``, ``terminate`` or None.
     :param detail: why the state is what it is, when that is not obvious.
+    :param tasks: of an array job, ``{index: JobStatus}`` of each task (:mod:`.arrays`); else None.
     """
 
     state: str
@@ -59,6 +64,7 @@ class JobStatus:
     ended: str | None = None
     on_complete: str | None = None
     detail: str = ""
+    tasks: dict | None = field(default=None, repr=False, compare=False)
 
     def __str__(self):
         text = self.state
@@ -69,7 +75,7 @@ class JobStatus:
 
 def _statuses(conn, root, names=None):
     """``{job_name: JobStatus}`` for the jobs that exist (all of them when ``names`` is None)."""
-    return {name: JobStatus(**fields) for name, fields in protocol.read_records(conn, root, names).items()}
+    return {name: arrays.local_status(fields) for name, fields in protocol.read_records(conn, root, names).items()}
 
 
 def _server_state(server):
@@ -88,7 +94,7 @@ def _write(stream, text):
         stream.flush()
 
 
-class Job:
+class Job(LegacyJobNames):
     """A job on a server. It is only a name: every property is read from the server.
 
     :param server: the :class:`~crimpl.server.AWSEC2` or :class:`~crimpl.server.Local` it runs on.
@@ -118,9 +124,13 @@ class Job:
 
     def _read(self, conn) -> JobStatus:
         status = self.server._read_statuses(conn, [self.job_name]).get(self.job_name)
+        if status is None and preemption.send_to_relaunched(self.server, self.job_name):
+            status = self.server._read_statuses(conn, [self.job_name]).get(self.job_name)
         if status is not None and status.state == "preempted":
             # Every look at the job is where a retry on preemption happens (crimpl.jobs.preemption).
             status = preemption.after_preemption(self.server, conn, self.job_name, status)
+        if status is not None and status.state in ("complete", "failed", "killed"):
+            preemption.ended(self.server, self.job_name)  # never relaunched once it ended
         self.last_status = status or JobStatus("not-submitted")
         return self.last_status
 
@@ -157,11 +167,15 @@ class Job:
             self.last_status, state)
 
     def _on_unreachable(self, exc, failures, max_unreachable):
-        """Raise if the server is gone or stayed unreachable too long; else return."""
+        """Raise if the server is gone or stayed unreachable too long; else return None, or the
+        job's final status when a preemption spent its retries."""
         state = getattr(exc, "state", None) or _server_state(self.server)
         relaunch = getattr(self.server, "_relaunch_after_preemption", None)
-        if self.retry_on_preemption and relaunch is not None and relaunch():
-            return  # a spot server its preemption stopped runs again: the next look retries the job
+        outcome = relaunch(self) if relaunch is not None else None
+        if isinstance(outcome, JobStatus):
+            return outcome
+        if outcome:
+            return None  # its spot server runs again, or new capacity does: the next look sees the job
         if state in GONE:
             raise self._gone(state) from exc
         if failures >= max_unreachable:
@@ -202,7 +216,10 @@ class Job:
                     if self._ended():
                         # Read before the server went away (on_complete=stop): the job had ended.
                         return self._ended()
-                    self._on_unreachable(exc, failures, max_unreachable)
+                    final = self._on_unreachable(exc, failures, max_unreachable)
+                    if final is not None:
+                        self.last_status = final
+                        return final
                     status = JobStatus("unknown", detail=str(exc))
                 # "unknown" read from the server (a malformed record) will not change by waiting.
                 ended = status.state not in ("running", "pending")
@@ -212,19 +229,30 @@ class Job:
                     raise JobError(f"job {self.job_name} still {status.state} after {timeout:.0f} s")
                 time.sleep(interval)
 
-    def logs(self, follow: bool = False, stream=None, max_unreachable: int = MAX_UNREACHABLE) -> str:
+    @property
+    def tasks(self) -> dict | None:
+        """Of an array job, ``{index: JobStatus}`` of every task, read now; None for another job."""
+        return self.status().tasks
+
+    def logs(self, follow: bool = False, stream=None, max_unreachable: int = MAX_UNREACHABLE,
+             index: int | None = None) -> str:
         """Return the job's log; with ``follow=True`` also stream it to ``stream``
         (default stdout) until the job ends.
 
         A follow whose connection drops reconnects and goes on from the last byte
         it received; it never starts a stopped server.
 
+        :param index: of an array job, the task whose log to show (an array has no
+            log of its own: without it, the error names the indexes).
         :raises JobUnreachableError: if the server stopped or went away, or could
             not be reached ``max_unreachable`` times in a row, before the job ended.
+        :raises JobError: for an array job without ``index``, or an ``index`` it has not.
         """
         if not follow:
             with self.server.session(start=False) as conn:
-                return protocol.read_log(conn, self.server.job_root, self.job_name)
+                if index is not None:
+                    arrays.task_of(self._read(conn), self.job_name, index)
+                return protocol.read_log(conn, self.server.job_root, self.job_name, index)
         received = 0
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         text = []
@@ -232,8 +260,8 @@ class Job:
         while True:
             try:
                 with self.server.session(start=False) as conn:
-                    self._read(conn)
-                    for chunk in self.server._stream_log(conn, self.job_name, received):
+                    arrays.check_index(self._read(conn), self.job_name, index)
+                    for chunk in self.server._stream_log(conn, self.job_name, received, index=index):
                         if not chunk:
                             # Silence: a server stopped under a live connection says nothing either.
                             state = _server_state(self.server)
@@ -248,20 +276,30 @@ class Job:
                     with contextlib.suppress(*UNREACHABLE):
                         # The final state, when the server still answers (on_complete may stop it).
                         self._read(conn)
-                if self.last_status is not None and self.last_status.state == "running":
+                if index is None and self.last_status is not None and self.last_status.state == "running":
                     received = 0  # started again after a preemption: follow the new attempt's log
                     continue
                 break
             except UNREACHABLE as exc:
                 failures += 1
-                self._on_unreachable(exc, failures, max_unreachable)
+                final = self._on_unreachable(exc, failures, max_unreachable)
+                if final is not None:
+                    self.last_status = final
+                    break
         text.append(decoder.decode(b"", final=True))
         return "".join(text)
 
-    def kill(self) -> bool:
-        """End the job's whole process group. Returns True if it was running."""
+    def kill(self, index: int | None = None) -> bool:
+        """End the job's whole process group. Returns True if it was running.
+
+        Of an array job, every task that runs ends and no other starts.
+
+        :param index: end only this task of an array job (if it waits, it never starts).
+        """
         with self.server.session(start=False) as conn:
-            return self.server._kill(conn, self.job_name)
+            if index is not None:
+                arrays.task_of(self._read(conn), self.job_name, index)
+            return self.server._kill(conn, self.job_name, index=index)
 
     def resubmit(self, files=None, *, allow_concurrent: bool = False, quiet: bool = False) -> "Job":
         """Run this job again in place, re-sending only inputs that changed.
@@ -344,7 +382,43 @@ def _check_files(files, entry):
     return paths
 
 
-class JobsMixin:
+class _Held(threading.local):
+    """The connection a :meth:`JobsMixin.connected` block shares, in one thread."""
+
+    depth = 0
+    conn = None
+    stack = None
+
+
+def _alive(conn):
+    """Can ``conn`` still carry commands? (A local target's context always can.)"""
+    return getattr(conn, "is_connected", True)
+
+
+def shares_connection(session):
+    """Make a server kind's ``session`` yield the connection its :meth:`~JobsMixin.connected`
+    block holds: opened by the first session of the block (with that session's ``start``),
+    again only if it was lost, and closed when the block ends. Outside such a block each
+    session opens and closes its own, as before."""
+
+    @functools.wraps(session)
+    @contextlib.contextmanager
+    def shared(self, *args, **kwargs):
+        held = self._held()
+        if not held.depth:
+            with session(self, *args, **kwargs) as conn:
+                yield conn
+            return
+        if held.conn is None or not _alive(held.conn):
+            held.conn = None
+            held.stack.close()
+            held.conn = held.stack.enter_context(session(self, *args, **kwargs))
+        yield held.conn
+
+    return shared
+
+
+class JobsMixin(LegacyServerNames):
     """The job API shared by every server kind.
 
     A subclass provides ``job_root`` (the remote root folder), ``session(start)``
@@ -360,6 +434,32 @@ class JobsMixin:
 
     #: Size cap of the store in bytes; unlinked inputs beyond it are evicted, oldest first.
     store_cap: int = DEFAULT_CAP
+
+    def _held(self) -> _Held:
+        """This server's shared connection in this thread (see :meth:`connected`)."""
+        return self.__dict__.setdefault("_held_connection", _Held())
+
+    @contextlib.contextmanager
+    def connected(self):
+        """Share one SSH connection among everything done with this server in the block.
+
+        The connection opens at the first command that needs one (none if nothing does),
+        opens again only if it was lost, and closes when the block ends: it never
+        outlives the block. It is this thread's; blocks may nest. The job API's calls
+        of several steps (:meth:`check_output`, :meth:`run_script`) run in one, and so
+        does each task of the ``crimpl`` command.
+        """
+        held = self._held()
+        held.depth += 1
+        if held.depth == 1:
+            held.stack = contextlib.ExitStack()
+        try:
+            yield self
+        finally:
+            held.depth -= 1
+            if not held.depth:
+                held.conn = None
+                held.stack.close()
 
     @property
     def store_dir(self) -> str:
@@ -394,7 +494,9 @@ class JobsMixin:
 
     def submit_script(self, script, files=None, *, job_name: str | None = None,
                       on_complete: str | None = None, allow_concurrent: bool = False,
-                      quiet: bool = False, retry_on_preemption: int = 0) -> Job:
+                      quiet: bool = False, retry_on_preemption: int = 0, array=None,
+                      max_parallel: int | None = None, fallback_on_demand: bool = False,
+                      _attempt: int = 1) -> Job:
         """Send ``script`` and ``files`` to the server and start it detached.
 
         A submit that was interrupted (the connection dropped during the upload)
@@ -406,14 +508,20 @@ class JobsMixin:
         :param on_complete: ``"stop"`` or ``"terminate"`` the server when the
             script ends (default None: keep it running).
         :param allow_concurrent: allow this job to start while another runs.
-        :param retry_on_preemption: start the job again in place up to this many times
-            when a spot preemption ends it (see :mod:`crimpl.jobs.preemption`).
+        :param retry_on_preemption: start the job again up to this many times when a spot
+            preemption ends it: in place, or on new capacity when the instance is gone
+            (see :mod:`crimpl.jobs.preemption`).
+        :param fallback_on_demand: that new capacity is on-demand, not spot again.
+        :param _attempt: (set by a relaunch on new capacity) the attempt this submit starts.
+        :param array: run the script once per index, as a job array: a number of tasks
+            ``N`` (indexes 0 to N-1) or Slurm's syntax (``"0-99%10"``, ``"1,3,5-7"``);
+            each task sees ``CRIMPL_ARRAY_INDEX`` (see :mod:`crimpl.jobs.arrays`).
+        :param max_parallel: at most this many tasks of the array at a time (default:
+            the ``%`` of ``array``, else the server's CPU count).
         :returns: the :class:`Job`, already running.
         :raises JobError: if the name is taken, or another job is running (checked
             atomically on the server: of two submits at once, one starts).
         """
-        from .. import transfer
-
         if on_complete not in ON_COMPLETE:
             raise JobError(f"on_complete must be 'stop', 'terminate' or None, got {on_complete!r}")
         if job_name is not None:
@@ -421,6 +529,12 @@ class JobsMixin:
         if isinstance(retry_on_preemption, bool) or not isinstance(retry_on_preemption, int) \
                 or retry_on_preemption < 0:
             raise JobError(f"retry_on_preemption must be a whole number, 0 or more, got {retry_on_preemption!r}")
+        if fallback_on_demand not in (False, True):
+            raise JobError(f"fallback_on_demand must be True or False, got {fallback_on_demand!r}")
+        if fallback_on_demand and not retry_on_preemption:
+            raise JobError("fallback_on_demand needs retry_on_preemption (--retry-on-preemption N): "
+                           "it says what a retry runs on")
+        spec = arrays.submitted_spec(array, max_parallel, retry_on_preemption)
         with tempfile.TemporaryDirectory(prefix="crimpl-submit-") as workdir:
             entry, script_path = _script_sources(script, workdir)
             inputs = _check_files(files, entry)
@@ -431,25 +545,19 @@ class JobsMixin:
             crimpl_files = [wrapper]
             if retry_on_preemption:
                 crimpl_files.append(Path(workdir) / protocol.ATTEMPT)
-                crimpl_files[-1].write_text(preemption.attempt_line(1, retry_on_preemption), encoding="utf-8")
-            with self.session(start=True) as conn:
-                existing = self._read_statuses(conn)
-                # A job directory never started is what an interrupted submit left: complete it.
-                if name in existing and existing[name].state != "not-submitted":
-                    raise self._exists(name)
-                running = sorted(n for n, s in existing.items() if s.state == "running")
-                if running and not allow_concurrent:
-                    raise self._busy(running[-1])
-                if on_complete:
-                    self._prepare_on_complete(on_complete)
-                try:
-                    report = transfer.upload(conn, [script_path, *crimpl_files, *inputs],
-                                             job_dir(self.job_root, name), quiet=quiet,
-                                             store=self.store_dir, store_cap=self.store_cap)
-                except TransferError as exc:
-                    raise TransferError(f"{exc} (job {name} was not started: submit again with "
-                                        f"job_name={name!r} to complete it)") from exc
-                self._start(conn, name, again=False, allow_concurrent=allow_concurrent)
+                crimpl_files[-1].write_text(preemption.attempt_line(_attempt, retry_on_preemption, lost=_attempt > 1),
+                                            encoding="utf-8")
+            if spec is not None:
+                crimpl_files.append(Path(workdir) / protocol.ARRAY)
+                crimpl_files[-1].write_text(f"{spec}\n", encoding="utf-8")
+            with counted() as trips, self.session(start=True) as conn:
+                report = self._send_and_start(conn, name, [script_path, *crimpl_files, *inputs],
+                                              on_complete=on_complete, allow_concurrent=allow_concurrent,
+                                              quiet=quiet)
+            report.connections, report.channels = trips.connections, trips.channels
+        preemption.remember(self, name, script, inputs, retries=retry_on_preemption, attempt=_attempt,
+                            fallback_on_demand=fallback_on_demand, on_complete=on_complete,
+                            allow_concurrent=allow_concurrent)
         # A list of commands lives in the job directory already; a script file may change locally.
         sources = ([script_path] if entry != COMMANDS_SCRIPT else []) + inputs
         job = Job(self, name, sources=sources)
@@ -463,13 +571,14 @@ class JobsMixin:
         """``{job_name: JobStatus}`` of the given jobs that exist (every job when ``names`` is None)."""
         return _statuses(conn, self.job_root, names)
 
-    def _kill(self, conn, name) -> bool:
-        """End job ``name``; return True if it was running."""
-        return protocol.kill(conn, self.job_root, name)
+    def _kill(self, conn, name, index=None) -> bool:
+        """End job ``name`` (its task ``index``); return True if it was running."""
+        return protocol.kill(conn, self.job_root, name, index=index)
 
-    def _stream_log(self, conn, name, offset):
-        """Yield job ``name``'s log from byte ``offset`` while it runs (:func:`protocol.stream_log`)."""
-        return protocol.stream_log(conn, self.job_root, name, offset=offset)
+    def _stream_log(self, conn, name, offset, index=None):
+        """Yield job ``name``'s log (its task ``index``'s) from byte ``offset`` while it runs
+        (:func:`protocol.stream_log`)."""
+        return protocol.stream_log(conn, self.job_root, name, offset=offset, index=index)
 
     def _exists(self, name):
         return JobError(f"a job named {name} already exists on {self}; choose another job_name")
@@ -482,9 +591,74 @@ class JobsMixin:
         return JobError(f"another job is running on {self}: {other}; wait for it, kill it, "
                         "or pass allow_concurrent=True (--allow-concurrent)")
 
+    def _send_and_start(self, conn, name, sources, *, on_complete, allow_concurrent, quiet):
+        """Upload a new job's files and start it; return the upload's report.
+
+        Where this kind starts jobs with the protocol's own start, the quick check (name
+        free, no other job running), the upload and the start are ONE remote command; a
+        kind with its own :meth:`_start` (a scheduler's) gets a check, the upload, then
+        :meth:`_start`. With ``on_complete`` the check goes first on its own, so that a
+        refused job never changes the server's shutdown behaviour.
+        """
+        from .. import transfer
+
+        folded = self._folds_start()
+        if on_complete or not folded:
+            existing = self._read_statuses(conn)
+            # A job directory never started is what an interrupted submit left: complete it.
+            if name in existing and existing[name].state != "not-submitted":
+                raise self._exists(name)
+            running = sorted(n for n, s in existing.items() if s.state == "running")
+            if running and not allow_concurrent:
+                raise self._busy(running[-1])
+            if on_complete:
+                self._prepare_on_complete(on_complete)
+        steps = {}
+        if folded:
+            steps = {"guard": protocol.guard_script(self.job_root, name, allow_concurrent=allow_concurrent),
+                     "then": protocol.start_script(self.job_root, name, allow_concurrent=allow_concurrent)}
+        try:
+            report = transfer.upload(conn, sources, job_dir(self.job_root, name), quiet=quiet,
+                                     store=self.store_dir, store_cap=self.store_cap, **steps)
+        except TransferError as exc:
+            raise TransferError(f"{exc} (job {name} was not started: submit again with "
+                                f"job_name={name!r} to complete it)") from exc
+        if not folded:
+            self._start(conn, name, again=False, allow_concurrent=allow_concurrent)
+        elif report.refused:
+            outcome, _, detail = report.refused.partition(" ")
+            if outcome == "busy":
+                raise self._busy(detail)
+            if outcome == "exists":
+                raise self._exists(name)
+            raise JobError(f"submitting job {name} failed on the server: unexpected answer {outcome!r}")
+        else:
+            self._started_after_upload(name, report)
+        return report
+
+    def _folds_start(self) -> bool:
+        """Does this kind start jobs with the protocol's own start, which an upload can run
+        at its end (no :meth:`_start` of its own, as a scheduler's kind has)?"""
+        return type(self)._start is JobsMixin._start
+
+    def _started_after_upload(self, name, report):
+        """Raise the error for a start that ran at the end of an upload (``then``), if it did not start."""
+        if report.then_status == -1:
+            raise ConnectionLostError(f"lost the SSH connection while job {name} was starting on {self}: "
+                                      f"`crimpl jobs` shows whether it started; if not, submit it again "
+                                      f"with job_name={name!r}")
+        if report.then_status != 0:
+            last = report.then_output.strip().splitlines()
+            raise JobError(f"starting job {name} failed on the server (exit {report.then_status}): "
+                           f"{last[-1] if last else 'no output'}")
+        self._started(name, *protocol.parse_start(report.then_output, name))
+
     def _start(self, conn, name, *, again, allow_concurrent):
-        outcome, detail = protocol.start(conn, self.job_root, name, again=again,
-                                         allow_concurrent=allow_concurrent)
+        self._started(name, *protocol.start(conn, self.job_root, name, again=again,
+                                            allow_concurrent=allow_concurrent))
+
+    def _started(self, name, outcome, detail):
+        """Raise the error for a start that said ``outcome`` (:func:`protocol.start`), if it did not start."""
         if outcome == "started":
             if detail["state"] == "not-submitted":
                 raise JobError(f"job {name} did not start within {protocol.START_WAIT} s; see "
@@ -518,17 +692,27 @@ class JobsMixin:
             job = Job(self, job)
         if files is not None:
             files = _check_files(files, None)
-        with self.session(start=True) as conn:
+        with counted() as trips, self.session(start=True) as conn:
             status = self._read_statuses(conn, [job.job_name]).get(job.job_name)
             if status is None:
                 raise JobError(f"no job {job.job_name} on {self}: `jobs` lists the jobs there")
             if status.state == "running":
                 raise JobError(f"job {job.job_name} is still running: kill it before resubmitting")
             report = None
-            if files:
+            if files and self._folds_start():
+                # The upload and the start in one remote command.
                 report = transfer.upload(conn, files, job.job_dir, quiet=quiet, store=self.store_dir,
-                                         store_cap=self.store_cap)
-            self._start(conn, job.job_name, again=True, allow_concurrent=allow_concurrent)
+                                         store_cap=self.store_cap,
+                                         then=protocol.start_script(self.job_root, job.job_name, again=True,
+                                                                    allow_concurrent=allow_concurrent))
+                self._started_after_upload(job.job_name, report)
+            else:
+                if files:
+                    report = transfer.upload(conn, files, job.job_dir, quiet=quiet, store=self.store_dir,
+                                             store_cap=self.store_cap)
+                self._start(conn, job.job_name, again=True, allow_concurrent=allow_concurrent)
+        if report is not None:
+            report.connections, report.channels = trips.connections, trips.channels
         job.last_status = None
         job.upload_report = report
         return job
@@ -541,9 +725,12 @@ class JobsMixin:
         :returns: the exit code, 0.
         :raises ScriptFailedError: if it exits non-zero, with the code and the last lines.
         """
-        job = self.submit_script(script, files, **kwargs)
-        text = job.logs(follow=True, stream=stream)
-        status = job.wait(interval=1.0)
+        if kwargs.get("array") is not None:
+            raise JobError("run_script runs one script: submit an array with submit_script(..., array=...)")
+        with self.connected():
+            job = self.submit_script(script, files, **kwargs)
+            text = job.logs(follow=True, stream=stream)
+            status = job.wait(interval=1.0)
         if status.state != "complete":
             tail = "\n".join(text.rstrip().splitlines()[-20:])
             last = tail.splitlines()[-1] if tail else "no output"
@@ -600,7 +787,8 @@ class JobsMixin:
         :param local_path: destination file or directory.
         :param job: a :class:`Job` or job name; default the latest job.
         :returns: the transfer report; ``report.replaced`` lists local files that
-            were overwritten with different content.
+            were overwritten with different content; ``connections`` and ``channels``
+            count what the whole call opened.
         """
         from .. import transfer
 
@@ -612,10 +800,13 @@ class JobsMixin:
         if isinstance(local_path, bytes) or not isinstance(local_path, (str, os.PathLike)) \
                 or not os.fspath(local_path).strip():
             raise TransferError(f"local_path must be a local file or directory, got {local_path!r}"[:200])
-        if job is None or isinstance(job, str):
-            job = self.get_job(job)
-        with self.session(start=True) as conn:
-            return transfer.download(conn, job.job_dir, server_path, local_path, quiet=quiet)
+        with counted() as trips, self.connected():
+            if job is None or isinstance(job, str):
+                job = self.get_job(job)
+            with self.session(start=True) as conn:
+                report = transfer.download(conn, job.job_dir, server_path, local_path, quiet=quiet)
+        report.connections, report.channels = trips.connections, trips.channels
+        return report
 
 
 def _ended_before(ended, cutoff):
