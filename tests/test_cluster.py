@@ -375,6 +375,32 @@ def test_the_node_key_lives_only_on_rank_0_and_the_nodes_are_known_by_their_pinn
     assert "StrictHostKeyChecking yes" in config
 
 
+def test_a_cluster_already_prepared_is_reached_through_rank_0_alone(cluster_server):
+    from crimpl import ssh
+
+    first = cluster_server.server.submit_script(["true"])
+    assert _final(first).state == "complete"
+    with ssh.counted() as trips:
+        second = cluster_server.server.submit_script(["true"])
+    # The key is authorized on every node already: no connection to the other nodes.
+    assert trips.connections == 1
+    assert _final(second).state == "complete"
+
+
+def test_a_node_that_lost_the_key_fails_one_submit_and_the_next_authorizes_it_again(cluster_server):
+    first = cluster_server.server.submit_script(["true"])
+    assert _final(first).state == "complete"
+    authorized = cluster_server.homes[2] / ".ssh" / "authorized_keys"
+    authorized.write_text("".join(line for line in authorized.read_text().splitlines(keepends=True)
+                                  if "crimpl-cluster-" not in line))
+
+    with pytest.raises(JobError, match=r"to node 2 .* submit again with job_name='again'"):
+        cluster_server.server.submit_script(["true"], job_name="again")
+    job = cluster_server.server.submit_script(["true"], job_name="again")
+    assert _final(job).state == "complete"
+    assert "crimpl-cluster-" in authorized.read_text()
+
+
 def test_a_node_that_offers_another_host_key_to_rank_0_stops_the_submit(cluster_server, tmp_path, key_file):
     from crimpl.hostkeys import generate_host_key
 
