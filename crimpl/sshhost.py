@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shlex
 from pathlib import Path
 
 import paramiko
@@ -35,7 +34,6 @@ from .errors import ConfigError, HostKeyMismatchError, JobError
 from .home import crimpl_home, write_private_file
 from .jobs import JobsMixin
 from .jobs.api import shares_connection
-from .jobs.protocol import run
 
 #: The host key policies: refuse unknown keys (OpenSSH's ``yes``), or add them (``accept-new``).
 HOST_KEY_POLICIES = ("strict", "accept-new")
@@ -172,7 +170,7 @@ class RemoteThreadServer(JobsMixin):
     def session(self, start: bool = True):
         """Yield one open SSH connection to the host.
 
-        :param start: the session will write: crimpl's folder is created if missing.
+        :param start: unused (an SSH host is always on); kept for the server kinds' one signature.
         """
         try:
             conn = ssh.open_when_ready(self.connection, timeout=SSH_TIMEOUT, label=self.host)
@@ -186,12 +184,8 @@ class RemoteThreadServer(JobsMixin):
                     f"with `ssh {self.host}`"
                 ) from bad
             raise
+        # No folder is made here: the upload of a submit makes the job's folder (and so crimpl's).
         try:
-            if start:
-                result = run(conn, f"mkdir -p -- {shlex.quote(self.job_root.rstrip('/') + '/jobs')}")
-                if result.exited != 0:
-                    raise JobError(f"cannot create {self.job_root}/jobs on {self.host}: "
-                                   f"{(result.stderr.strip().splitlines() or ['no output'])[-1]}")
             yield conn
         finally:
             conn.close()

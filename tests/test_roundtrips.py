@@ -48,15 +48,6 @@ def target(request, tmp_path):
     return crimpl.RemoteThreadServer("workstation", directory=str(tmp_path / "remote-ssh"))
 
 
-#: Exec channels of a session that writes, before any job command: an SSH host's
-#: session creates crimpl's folder first (``mkdir``); an EC2 instance's needs none.
-SESSION_SETUP = {"ec2": 0, "sshhost": 1}
-
-
-def _kind(target):
-    return "ec2" if isinstance(target, crimpl.AWSEC2) else "sshhost"
-
-
 def _finish(job):
     return job.wait(timeout=30, interval=0.1)
 
@@ -65,7 +56,7 @@ def test_a_submit_without_inputs_is_one_connection_and_one_remote_command(target
     job = target.submit_script(["echo one trip"])
     report = job.upload_report
     assert report.connections == 1
-    assert report.channels == 1 + SESSION_SETUP[_kind(target)]
+    assert report.channels == 1
     assert _finish(job).state == "complete"
     assert job.logs() == "one trip\n"
 
@@ -76,7 +67,7 @@ def test_a_submit_with_inputs_costs_no_more_round_trips(target, tmp_path):
     for i in range(20):
         (data / f"f{i}.txt").write_text(f"{i}\n")
     job = target.submit_script(["cat data/f7.txt"], files=[data])
-    assert (job.upload_report.connections, job.upload_report.channels) == (1, 1 + SESSION_SETUP[_kind(target)])
+    assert (job.upload_report.connections, job.upload_report.channels) == (1, 1)
     assert job.upload_report.files_sent >= 20
     assert _finish(job).state == "complete"
     assert job.logs() == "7\n"
@@ -88,7 +79,7 @@ def test_a_submit_refused_by_the_one_command_sends_nothing(target, tmp_path):
     big.write_bytes(b"x" * 2**20)
     with ssh.counted() as trips, pytest.raises(JobError, match="a job named taken already exists"):
         target.submit_script(["true"], files=[big], job_name="taken")
-    assert (trips.connections, trips.channels) == (1, 1 + SESSION_SETUP[_kind(target)])
+    assert (trips.connections, trips.channels) == (1, 1)
     # The job directory holds what the first submit sent, nothing of the refused one.
     assert "big.bin" not in target.get_job("taken").ls()
 
@@ -115,6 +106,18 @@ def test_fetching_the_latest_job_is_one_connection(target, tmp_path):
     assert report.connections == 1
     # The lookup of the latest job, then the download, on the lookup's connection.
     assert report.channels == lookup.channels + 1
+
+
+def test_fetching_a_named_job_is_the_download_alone(target, tmp_path):
+    job = target.submit_script(["mkdir -p out", "echo result > out/r.txt"])
+    assert _finish(job).state == "complete"
+    report = target.check_output("out/", tmp_path / "local-out", job=job.job_name)
+    assert (tmp_path / "local-out" / "r.txt").read_text() == "result\n"
+    # No listing of the jobs first: the download finds the job's folder itself.
+    assert (report.connections, report.channels) == (1, 1)
+    with pytest.raises(JobError, match=f"no job not-{job.job_name} on .*; jobs: {job.job_name}"):
+        target.check_output("out/", tmp_path / "other", job=f"not-{job.job_name}")
+    assert not (tmp_path / "other").exists()
 
 
 def test_a_connected_block_shares_one_connection_and_closes_it_at_its_end(target, tmp_path):

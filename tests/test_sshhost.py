@@ -12,7 +12,7 @@ import stat
 import pytest
 
 import crimpl
-from crimpl.errors import ConfigError, HostKeyMismatchError, JobError
+from crimpl.errors import ConfigError, HostKeyMismatchError, JobError, TransferError
 from crimpl.hostkeys import generate_host_key
 
 
@@ -35,6 +35,15 @@ def test_user_at_host_and_port_works_without_an_alias(ssh_host):
     server = crimpl.RemoteThreadServer(f"{ssh_host.user}@127.0.0.1:{ssh_host.sshd.port}", directory="~/other")
     assert server.run_script(["echo plain address"], stream=None, quiet=True) == 0
     assert (ssh_host.home / "other" / "jobs").is_dir()
+
+
+def test_a_folder_that_cannot_be_made_is_a_one_line_error_and_no_job(ssh_host):
+    server = crimpl.RemoteThreadServer(ssh_host.alias, directory="/proc/crimpl")
+    with pytest.raises(TransferError) as refused:
+        server.submit_script(["echo never"], quiet=True)
+    message = str(refused.value)
+    assert "\n" not in message and "/proc/crimpl" in message, message
+    assert "submit again" in message
 
 
 def test_an_unknown_host_key_is_refused_saying_how_to_add_it(ssh_host):

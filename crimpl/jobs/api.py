@@ -801,10 +801,19 @@ class JobsMixin(LegacyServerNames):
                 or not os.fspath(local_path).strip():
             raise TransferError(f"local_path must be a local file or directory, got {local_path!r}"[:200])
         with counted() as trips, self.connected():
-            if job is None or isinstance(job, str):
-                job = self.get_job(job)
-            with self.session(start=True) as conn:
-                report = transfer.download(conn, job.job_dir, server_path, local_path, quiet=quiet)
+            named = isinstance(job, str)
+            if named:
+                check_job_name(job)
+                job = Job(self, job)  # its folder is looked for by the download itself: no listing first
+            elif job is None:
+                job = self.get_job()
+            try:
+                with self.session(start=True) as conn:
+                    report = transfer.download(conn, job.job_dir, server_path, local_path, quiet=quiet)
+            except TransferError:
+                if named:
+                    self.get_job(job.job_name)  # no such job: say so, and which there are
+                raise
         report.connections, report.channels = trips.connections, trips.channels
         return report
 
