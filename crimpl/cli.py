@@ -466,8 +466,9 @@ def submit(c, script, files=None, on_complete=None, name=None, allow_concurrent=
                                **({"allow_concurrent": True} if allow_concurrent else {}),
                                **({"retry_on_preemption": retry_on_preemption} if retry_on_preemption else {}),
                                **({"fallback_on_demand": True} if fallback_on_demand else {}), **options)
-    # What the server says now: a job a scheduler queued is pending, not running.
-    now = job.status()
+    # What the server says: the start's own answer, else a look now (a job a scheduler queued is
+    # pending, not running; an array says how many tasks it has).
+    now = job.start_status or job.status()
     index = f" --index {min(now.tasks)}" if now.tasks else ""
     follow = f"{command_name(c)} logs --job {job.job_name}{index} --follow{_server_args(stack, instance_id, server)}"
     array_of = f" (an array of {len(now.tasks)} tasks)" if now.tasks else ""

@@ -169,6 +169,17 @@ def test_the_logs_task_reads_the_job_and_its_log_over_one_connection(ec2_server)
     assert trips.connections == 1
 
 
+def test_the_submit_command_is_one_connection_and_one_remote_command(ec2_server, tmp_path):
+    (tmp_path / "run.sh").write_text("echo from the command line\n")
+    with ssh.counted() as trips:
+        result = run_cli("submit", "run.sh", "--instance-id", ec2_server.instanceId, cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    # It says what the start answered, without another look.
+    assert ": running (`" in result.stdout or ": complete (`" in result.stdout, result.stdout
+    assert (trips.connections, trips.channels) == (1, 1)
+    assert _finish(ec2_server.get_job()).state == "complete"
+
+
 def test_a_transfer_called_alone_counts_its_one_channel(connect, tmp_path):
     source = tmp_path / "a.txt"
     source.write_text("a\n")

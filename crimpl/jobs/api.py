@@ -111,6 +111,8 @@ class Job(LegacyJobNames):
         self.last_status: JobStatus | None = None
         #: What the upload of its inputs did, when this object submitted (or resubmitted) it.
         self.upload_report = None
+        #: The status its start answered with, when this object submitted it (None: not known).
+        self.start_status: JobStatus | None = None
         #: Retries asked for at submit: a wait may then start the spot server a preemption stopped.
         self.retry_on_preemption = 0
 
@@ -551,7 +553,7 @@ class JobsMixin(LegacyServerNames):
                 crimpl_files.append(Path(workdir) / protocol.ARRAY)
                 crimpl_files[-1].write_text(f"{spec}\n", encoding="utf-8")
             with counted() as trips, self.session(start=True) as conn:
-                report = self._send_and_start(conn, name, [script_path, *crimpl_files, *inputs],
+                report, started = self._send_and_start(conn, name, [script_path, *crimpl_files, *inputs],
                                               on_complete=on_complete, allow_concurrent=allow_concurrent,
                                               quiet=quiet)
             report.connections, report.channels = trips.connections, trips.channels
@@ -563,6 +565,8 @@ class JobsMixin(LegacyServerNames):
         job = Job(self, name, sources=sources)
         job.upload_report = report
         job.retry_on_preemption = retry_on_preemption
+        # The start's own answer: the job's first record (an array's tasks have none yet).
+        job.start_status = started if spec is None else None
         return job
 
     # -- what a server kind with a scheduler replaces (crimpl.slurm) ------------------------
@@ -592,7 +596,8 @@ class JobsMixin(LegacyServerNames):
                         "or pass allow_concurrent=True (--allow-concurrent)")
 
     def _send_and_start(self, conn, name, sources, *, on_complete, allow_concurrent, quiet):
-        """Upload a new job's files and start it; return the upload's report.
+        """Upload a new job's files and start it; return the upload's report and the
+        :class:`JobStatus` the start answered with (None where a scheduler's :meth:`_start` ran).
 
         Where this kind starts jobs with the protocol's own start, the quick check (name
         free, no other job running), the upload and the start are ONE remote command; a
@@ -623,6 +628,7 @@ class JobsMixin(LegacyServerNames):
         except TransferError as exc:
             raise TransferError(f"{exc} (job {name} was not started: submit again with "
                                 f"job_name={name!r} to complete it)") from exc
+        started = None
         if not folded:
             self._start(conn, name, again=False, allow_concurrent=allow_concurrent)
         elif report.refused:
@@ -633,16 +639,16 @@ class JobsMixin(LegacyServerNames):
                 raise self._exists(name)
             raise JobError(f"submitting job {name} failed on the server: unexpected answer {outcome!r}")
         else:
-            self._started_after_upload(name, report)
-        return report
+            started = self._started_after_upload(name, report)
+        return report, started
 
     def _folds_start(self) -> bool:
         """Does this kind start jobs with the protocol's own start, which an upload can run
         at its end (no :meth:`_start` of its own, as a scheduler's kind has)?"""
         return type(self)._start is JobsMixin._start
 
-    def _started_after_upload(self, name, report):
-        """Raise the error for a start that ran at the end of an upload (``then``), if it did not start."""
+    def _started_after_upload(self, name, report) -> JobStatus:
+        """Return the status of a job started at the end of an upload (``then``); raise if it did not start."""
         if report.then_status == -1:
             raise ConnectionLostError(f"lost the SSH connection while job {name} was starting on {self}: "
                                       f"`crimpl jobs` shows whether it started; if not, submit it again "
@@ -651,19 +657,20 @@ class JobsMixin(LegacyServerNames):
             last = report.then_output.strip().splitlines()
             raise JobError(f"starting job {name} failed on the server (exit {report.then_status}): "
                            f"{last[-1] if last else 'no output'}")
-        self._started(name, *protocol.parse_start(report.then_output, name))
+        return self._started(name, *protocol.parse_start(report.then_output, name))
 
     def _start(self, conn, name, *, again, allow_concurrent):
         self._started(name, *protocol.start(conn, self.job_root, name, again=again,
                                             allow_concurrent=allow_concurrent))
 
-    def _started(self, name, outcome, detail):
-        """Raise the error for a start that said ``outcome`` (:func:`protocol.start`), if it did not start."""
+    def _started(self, name, outcome, detail) -> JobStatus:
+        """Return the first status of a job whose start said ``outcome`` (:func:`protocol.start`);
+        raise the error if it did not start."""
         if outcome == "started":
             if detail["state"] == "not-submitted":
                 raise JobError(f"job {name} did not start within {protocol.START_WAIT} s; see "
                                f"{job_dir(self.job_root, name)}/{protocol.LOG}")
-            return
+            return JobStatus(**detail)
         if outcome == "exists":
             raise self._exists(name)
         if outcome == "busy":
