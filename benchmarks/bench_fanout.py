@@ -58,7 +58,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(HERE)]
 
 import latency_proxy  # noqa: E402
 from bench_transfer import machine  # noqa: E402
-from bench_user import make_big, run  # noqa: E402
+from bench_user import make_big, run, write_section  # noqa: E402
 from sandbox import (SSH_CIDRS, MotoServer, Sshd, die_with_parent, make_client_key, moto_client,  # noqa: E402
                      user_data_host_key)
 
@@ -520,20 +520,6 @@ def markdown(rows, info):
         "four uploads at once compete for them as they would not on four real nodes.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def write_section(path, text, start=SECTION_START, end=SECTION_END):
-    """Put ``text`` between the markers ``start`` and ``end`` in ``path``: replace the old section, or append."""
-    path = Path(path)
-    old = path.read_text(encoding="utf-8") if path.exists() else ""
-    block = f"{start}\n{text.rstrip()}\n{end}\n"
-    if start in old and end in old:
-        before, rest = old.split(start, 1)
-        after = rest.split(end, 1)[1].lstrip("\n")
-        new = before + block + (f"\n{after}" if after else "")
-    else:
-        new = f"{old.rstrip()}\n\n{block}" if old.strip() else block
-    path.write_text(new, encoding="utf-8")
 
 
 def print_table(rows):

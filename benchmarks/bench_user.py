@@ -718,14 +718,14 @@ def markdown(rows, info):
     return "\n".join(lines) + "\n"
 
 
-def write_section(path, text):
-    """Put ``text`` between the section markers in ``path``: replace the old section, or append."""
+def write_section(path, text, start=SECTION_START, end=SECTION_END):
+    """Put ``text`` between the markers ``start`` and ``end`` in ``path``: replace the old section, or append."""
     path = Path(path)
     old = path.read_text(encoding="utf-8") if path.exists() else ""
-    block = f"{SECTION_START}\n{text.rstrip()}\n{SECTION_END}\n"
-    if SECTION_START in old and SECTION_END in old:
-        before, rest = old.split(SECTION_START, 1)
-        after = rest.split(SECTION_END, 1)[1].lstrip("\n")
+    block = f"{start}\n{text.rstrip()}\n{end}\n"
+    if start in old and end in old:
+        before, rest = old.split(start, 1)
+        after = rest.split(end, 1)[1].lstrip("\n")
         new = before + block + (f"\n{after}" if after else "")
     else:
         new = f"{old.rstrip()}\n\n{block}" if old.strip() else block

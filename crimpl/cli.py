@@ -123,8 +123,13 @@ def _config_for(settings):
     return config
 
 
-def resolve_server(stack=None, instance_id=None, server=None):
-    """Return the server a task acts on (see the module docstring for the order)."""
+def resolve_server(stack=None, instance_id=None, server=None, *, look=False):
+    """Return the server a task acts on (see the module docstring for the order).
+
+    :param look: the task looks at jobs (``jobs``, ``logs``, ``status``): a spot server a
+        preemption took, with a job submitted there with retries, is relaunched and the job
+        sent to it first (:mod:`crimpl.jobs.preemption`), as a look from Python does.
+    """
     from .server import AWSEC2, Local
 
     if instance_id:
@@ -133,16 +138,44 @@ def resolve_server(stack=None, instance_id=None, server=None):
         from .sshhost import list_servers, load_server
 
         # A remote server saved under the name wins; an EC2 server's name is looked up in AWS.
-        return load_server(server) if server in list_servers() else AWSEC2(server_name=server)
+        if server in list_servers():
+            return load_server(server)
+        try:
+            return AWSEC2(server_name=server)
+        except InstanceNotFoundError:
+            relaunched = _relaunched(server, None) if look else None
+            if relaunched is None:
+                raise
+            return relaunched
     if (stack or os.environ.get("CRIMPL_STACK")) == "local":
         return Local()
     settings = _stack_settings(stack)
     try:
         return AWSEC2(server_name=settings.server_name, config=_config_for(settings))
     except InstanceNotFoundError as exc:
+        relaunched = _relaunched(settings.server_name, _config_for(settings)) if look else None
+        if relaunched is not None:
+            return relaunched
         raise InstanceNotFoundError(
             f"stack {settings.name} has no live server ({exc}); run `crimpl up --stack {settings.name}`"
         ) from exc
+
+
+def _relaunched(server_name, config):
+    """The server ``server_name`` on new capacity, its job sent there, if a preemption took its
+    instance under a job submitted with retries; else None."""
+    from .jobs import Job, preemption
+
+    found = preemption.gone_server(server_name, config)
+    if found is None:
+        return None
+    gone, job_name = found
+    outcome = gone._relaunch_after_preemption(Job(gone, job_name))
+    if outcome is True:
+        return gone  # it stands for the new instance now
+    if outcome is not None:
+        raise JobError(f"job {job_name} {outcome}, and its server {server_name} is gone: submit it anew")
+    return None
 
 
 def _server_args(stack=None, instance_id=None, server=None):
@@ -314,7 +347,7 @@ def terminate(c, stack=None, instance_id=None, server=None, yes=False):
 @crimpl_task
 def status(c, stack=None, instance_id=None, server=None):
     """Show the server's name, id, state, type and IP (no SSH needed)."""
-    target = resolve_server(stack, instance_id, server)
+    target = resolve_server(stack, instance_id, server, look=True)
     if target.instanceId is None:  # a remote server crimpl does not manage: only its jobs to show
         print(f"{server}: {target.host}, jobs in {target.job_root}; latest job: {target.job_status}")
         return
@@ -501,7 +534,7 @@ def _scheduler_options(target, nprocs, walltime):
 @crimpl_task
 def jobs(c, stack=None, instance_id=None, server=None):
     """List the server's jobs and their states."""
-    statuses = resolve_server(stack, instance_id, server).job_statuses()
+    statuses = resolve_server(stack, instance_id, server, look=True).job_statuses()
     if not statuses:
         print("no jobs")
     for name, job_status in statuses.items():
@@ -516,7 +549,7 @@ def jobs(c, stack=None, instance_id=None, server=None):
 def logs(c, job=None, follow=False, rank=None, all_ranks=False, stack=None, instance_id=None, server=None,
          index=None):
     """Print a job's output (stdout and stderr)."""
-    target = resolve_server(stack, instance_id, server)
+    target = resolve_server(stack, instance_id, server, look=True)
     with target.connected():  # one SSH connection for the lookup, the log and the final state
         found = target.get_job(job)
         if rank is not None or all_ranks:

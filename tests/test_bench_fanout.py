@@ -8,13 +8,11 @@ end with the run, also when it is interrupted.
 
 import json
 import re
-import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
-from sandbox import process_alive, wait_until
+from bench_runs import interrupt_once_ready, quick_run_into_docs, servers_stopped, table_rows
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks" / "bench_fanout.py"
@@ -27,30 +25,10 @@ QUICK_INPUTS = 4 * 2**20 + 20 * 8 * 2**10  # --quick: one 4 MiB file and 20 file
 SIZE = r"\d+\.\d (MiB|KiB)"
 
 
-def _table_rows(text):
-    return [[cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]]
-            for line in text.splitlines() if line.startswith("| ") and not line.startswith("| way ")]
-
-
-def _stopped(pids):
-    wait_until(lambda: not any(process_alive(pid) for pid in pids.values()), timeout=20,
-               what="the benchmark's servers to end")
-
-
 def test_the_quick_run_writes_a_row_with_numbers_for_every_way(tmp_path):
-    docs = tmp_path / "benchmarks.md"
-    docs.write_text(f"# Benchmarks\n\nkept before\n\n{SECTION_START}\nstale row\n{SECTION_END}\n\nkept after\n")
-    results = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(docs), "--json", str(results)],
-                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-    text = docs.read_text()
-    assert "kept before" in text and "kept after" in text
-    assert "stale row" not in text
-    assert text.count(SECTION_START) == 1 and text.count(SECTION_END) == 1
-    section = text.split(SECTION_START, 1)[1]
-    rows = _table_rows(section)
+    section, info, done = quick_run_into_docs(BENCH, tmp_path / "benchmarks.md", SECTION_START, SECTION_END,
+                                              timeout=600)
+    rows = table_rows(section, "way")
     assert [row[0] for row in rows] == [label.replace("|", "\\|") for _, label in WAYS]
     for row in rows:
         assert len(row) == 6, row
@@ -63,7 +41,6 @@ def test_the_quick_run_writes_a_row_with_numbers_for_every_way(tmp_path):
 
     # crimpl sent the inputs over the client's link once and rank 0 sent them on to each other node;
     # a peer sends them once per node.
-    info = json.loads(results.read_text())
     by_way = {row["way"]: row for row in info["rows"]}
     crimpl, parallel, sequential = by_way["crimpl"], by_way["parallel"], by_way["sequential"]
     assert QUICK_INPUTS <= crimpl["client_bytes"] < QUICK_INPUTS + 2**20
@@ -77,7 +54,7 @@ def test_the_quick_run_writes_a_row_with_numbers_for_every_way(tmp_path):
     # Every server it started is gone, and so is its work folder.
     assert set(info["pids"]) == {"moto_server", *(f"{name}{rank}" for name in ("sshd", "proxy")
                                                   for rank in range(NODES))}
-    _stopped(info["pids"])
+    servers_stopped(info["pids"])
     work = re.search(r"sandbox ready in (\S+):", done.stdout).group(1)
     assert not Path(work).exists()
 
@@ -94,34 +71,16 @@ def test_a_run_through_one_shared_uplink_writes_its_own_section_beside_the_other
     assert f"{SECTION_START}\nthe uncapped run\n{SECTION_END}\n" in text
     section = text.split(LINK_SECTION_START, 1)[1].split(LINK_SECTION_END, 1)[0]
     assert "through one 200 Mbit/s uplink" in section
-    assert [row[0] for row in _table_rows(section)] == [label.replace("|", "\\|") for _, label in WAYS]
+    assert [row[0] for row in table_rows(section, "way")] == [label.replace("|", "\\|") for _, label in WAYS]
     info = json.loads(results.read_text())
     # One proxy process for every node's link.
     assert set(info["pids"]) == {"moto_server", "proxy0", *(f"sshd{rank}" for rank in range(NODES))}
     assert QUICK_INPUTS <= {row["way"]: row for row in info["rows"]}["crimpl"]["client_bytes"]
-    _stopped(info["pids"])
+    servers_stopped(info["pids"])
 
 
-def test_an_interrupted_run_stops_every_server_it_started(tmp_path):
-    process = subprocess.Popen([sys.executable, str(BENCH), "--quick"], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
-    lines = []
-    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
-    reader.start()
-    try:
-        ready = wait_until(lambda: next((line for line in lines if line.startswith("sandbox ready")), None)
-                           or process.poll() is not None and "exited", timeout=300, what="the sandbox")
-        assert ready != "exited", process.stderr.read()[-3000:]
-        pids = json.loads(ready.split("pids ", 1)[1])
-        work = re.search(r"sandbox ready in (\S+):", ready).group(1)
-        assert len(pids) == 1 + 2 * NODES
-        assert all(process_alive(pid) for pid in pids.values())
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=120) == 130
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert "interrupted" in process.stderr.read()
-    _stopped(pids)
-    assert not Path(work).exists()
+def test_an_interrupted_run_stops_every_server_it_started():
+    pids, work = interrupt_once_ready(BENCH)
+    assert len(pids) == 1 + 2 * NODES
+    servers_stopped(pids)
+    assert not work.exists()

@@ -317,6 +317,41 @@ def test_a_spot_server_terminated_at_the_notice_is_relaunched_and_the_job_comple
     assert crimpl.AWSEC2(server_name="wd", config=inst.server.config).instanceId == inst.server.instanceId
 
 
+def test_crimpl_logs_in_a_new_process_relaunches_a_spot_server_a_preemption_took(
+        instance, imds, relaunched, ec2, tmp_path):
+    from cli_helper import run_cli
+
+    inst = _spot_instance(instance, imds)
+    old_id = inst.server.instanceId
+    script = tmp_path / "train.sh"
+    script.write_text(RELAUNCHED_SCRIPT)
+    data = tmp_path / "data.txt"
+    data.write_text("the inputs")
+    job = inst.server.submit_script(script, files=[data], retry_on_preemption=1)
+    wait_until(lambda: (inst.home / "crimpl" / "jobs" / job.job_name / "running").exists(), timeout=30,
+               what="the first attempt running")
+    imds.notice = {"action": "terminate", "time": "2026-11-30T10:00:00Z"}
+    wait_until(lambda: (_record(inst, job) or {}).get("state") == "preempted", timeout=30,
+               what="the job recorded preempted")
+    found, thread = relaunched("wd", old_id)
+    ec2.terminate_instances(InstanceIds=[old_id])
+    # No live instance has the name any more: the closed laptop's next look, by name.
+    wait_until(lambda: _lifecycle_state(ec2, old_id) == "terminated", timeout=30, what="the old instance gone")
+
+    result = run_cli("logs", job.job_name, "--follow", "--server", "wd")
+    thread.join(timeout=30)
+    assert result.code == 0, result.stderr
+    assert result.stdout == "attempt 2, checkpoint lost: 1\ncheckpoint holds: []\ninputs: the inputs\n"
+    assert "launching spot capacity for attempt 2 of 2" in result.stderr
+    assert crimpl.AWSEC2(server_name="wd").instanceId == found["instance"]["InstanceId"]
+    # Retried once: the record is gone once the job was read complete, and a look relaunches nothing more.
+    assert not _record_path(job.job_name).exists()
+
+
+def _lifecycle_state(ec2, instance_id):
+    return ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]["State"]["Name"]
+
+
 def test_retries_spent_on_relaunched_capacity_leave_the_job_failed_preempted(instance, relaunched, ec2, tmp_path):
     inst = instance(spot=True)
     old_id = inst.server.instanceId

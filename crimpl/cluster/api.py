@@ -116,12 +116,7 @@ def submit_script(server, script, files=None, *, job_name: str | None = None, on
             for file_name, text in texts.items():
                 crimpl_files.append(Path(workdir) / file_name)
                 crimpl_files[-1].write_text(text, encoding="utf-8")
-            existing = server._read_statuses(conn)
-            if name in existing and existing[name].state != "not-submitted":
-                raise server._exists(name)
-            running = sorted(n for n, s in existing.items() if s.state == "running")
-            if running and not allow_concurrent:
-                raise server._busy(running[-1])
+            server._check_free(conn, name, allow_concurrent)
             prepare_nodes(server, conn, nodes, ips)
             if on_complete:
                 for node in nodes:

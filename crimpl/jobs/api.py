@@ -609,13 +609,7 @@ class JobsMixin(LegacyServerNames):
 
         folded = self._folds_start()
         if on_complete or not folded:
-            existing = self._read_statuses(conn)
-            # A job directory never started is what an interrupted submit left: complete it.
-            if name in existing and existing[name].state != "not-submitted":
-                raise self._exists(name)
-            running = sorted(n for n, s in existing.items() if s.state == "running")
-            if running and not allow_concurrent:
-                raise self._busy(running[-1])
+            self._check_free(conn, name, allow_concurrent)
             if on_complete:
                 self._prepare_on_complete(on_complete)
         steps = {}
@@ -641,6 +635,17 @@ class JobsMixin(LegacyServerNames):
         else:
             started = self._started_after_upload(name, report)
         return report, started
+
+    def _check_free(self, conn, name, allow_concurrent):
+        """Raise unless a new job ``name`` may start: the name is free and, unless
+        ``allow_concurrent``, no other job runs. (The start checks again, atomically.)"""
+        existing = self._read_statuses(conn)
+        # A job directory never started is what an interrupted submit left: complete it.
+        if name in existing and existing[name].state != "not-submitted":
+            raise self._exists(name)
+        running = sorted(n for n, s in existing.items() if s.state == "running")
+        if running and not allow_concurrent:
+            raise self._busy(running[-1])
 
     def _folds_start(self) -> bool:
         """Does this kind start jobs with the protocol's own start, which an upload can run

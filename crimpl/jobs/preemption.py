@@ -182,6 +182,34 @@ def _send(server, name, record):
                        f"be sent there ({exc}): look at the job again to send it") from exc
 
 
+def gone_server(server_name: str, config=None):
+    """The spot server ``server_name`` whose instance went away under a job that is to be retried.
+
+    What a new ``crimpl`` process finds when it looks for the server by name and no live
+    instance has it: the record of a job submitted with retries names the instance.
+
+    :returns: ``(server, job_name)`` (an :class:`~crimpl.server.AWSEC2` for the gone
+        instance), or None when no record waits for new capacity.
+    """
+    from ..server import AWSEC2
+
+    for path in sorted((crimpl_home() / RECORDS / server_name).glob("*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(record, dict) or set(record) != set(RECORD_FIELDS) \
+                or record["attempt"] > record["retries"]:
+            continue
+        try:
+            server = AWSEC2(record["instance_id"], config=config)
+        except CrimplError:
+            continue  # EC2 no longer describes it: nothing to relaunch from
+        if server.state in ("shutting-down", "terminated"):
+            return server, record["job_name"]
+    return None
+
+
 def relaunch(server, job):
     """Submit ``job`` again on new capacity, its spot server being gone; see the module docstring.
 
