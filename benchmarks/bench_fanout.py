@@ -502,8 +502,9 @@ def markdown(rows, info):
         "fan-out (`tar | ssh <node> tar x`, to all nodes at once) goes to the private IPs directly, as on "
         "AWS's private network.",
         "- crimpl: `submit_script([\"true\"], files=[big.bin, tree])` in the benchmark's process. Its time "
-        "includes connecting to rank 0, checking each node over its own verified connection (the "
-        "node-to-node key), the upload to rank 0, the fan-out, and starting the job on every rank; the "
+        "includes connecting to rank 0, reading there which nodes the node-to-node key is authorized on "
+        "(each node was connected to once, by an earlier submit), the upload to rank 0, the fan-out, and "
+        "starting the job on every rank; the "
         "peers' time is their upload only. Client bytes: `upload_report.bytes_sent` (the file content crimpl "
         "sent to rank 0; tar headers not counted), with `fanout_bytes` (rank 0's tar streams to the others) "
         "beside it.",

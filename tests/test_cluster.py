@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import SSH_CIDRS, Background, Sshd, instance_host_key, processes_with, wait_until
+from sandbox import SSH_CIDRS, Background, Sshd, instance_host_key, kill_sessions, processes_with, wait_until
 
 import crimpl
 from crimpl import cluster
@@ -258,7 +258,14 @@ def test_a_failed_rank_fails_the_job_with_every_ranks_code_and_ends_the_others(c
 def test_a_node_that_stops_answering_is_lost_and_the_others_are_ended(cluster_server):
     job = cluster_server.server.submit_script(["sleep 984"])
     wait_until(lambda: len(processes_with(b"sleep\x00984")) == NODES, timeout=30, what="every rank running")
-    cluster_server.sshds[2].stop()  # node 2 no longer answers (its rank runs on, out of reach)
+    # Every rank started, as the supervisor saw it (it now watches them).
+    wait_until((cluster_server.job_dir(0, job) / "crimpl-cluster" / "started").exists, timeout=30,
+               what="the supervisor watching the ranks")
+    # Node 2 no longer answers: its open connections end (sshd's per-connection processes have
+    # sessions of their own, so stopping the listener alone would leave the supervisor's watch
+    # connected), then its listener; its rank runs on, out of reach.
+    kill_sessions(cluster_server.sshds[2])
+    cluster_server.sshds[2].stop()
     status = _final(job)
     assert status.state == "failed"
     assert status.exit_code is None
