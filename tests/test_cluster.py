@@ -261,12 +261,18 @@ def test_a_node_that_stops_answering_is_lost_and_the_others_are_ended(cluster_se
     # Every rank started, as the supervisor saw it (it now watches them).
     wait_until((cluster_server.job_dir(0, job) / "crimpl-cluster" / "started").exists, timeout=30,
                what="the supervisor watching the ranks")
-    # Node 2 no longer answers: its open connections end (sshd's per-connection processes have
-    # sessions of their own, so stopping the listener alone would leave the supervisor's watch
-    # connected), then its listener; its rank runs on, out of reach.
-    kill_sessions(cluster_server.sshds[2])
-    cluster_server.sshds[2].stop()
-    status = _final(job)
+    # Node 2 no longer answers; its rank runs on, out of reach. Its listener is frozen first (no
+    # connection gets in from then on), then its open connections end (sshd's per-connection
+    # processes have sessions of their own: stopping the listener alone would leave the
+    # supervisor's watch connected), then the listener.
+    sshd = cluster_server.sshds[2]
+    os.kill(sshd.process.pid, signal.SIGSTOP)
+    kill_sessions(sshd)
+    os.killpg(sshd.process.pid, signal.SIGKILL)
+    sshd.process.wait()
+    sshd.stop()
+    # Bounded: the supervisor's retries and the kill of the others take longer on a loaded machine.
+    status = _final(job, timeout=120)
     assert status.state == "failed"
     assert status.exit_code is None
     assert [(r.rank, r.state) for r in status.ranks] == [(0, "killed"), (1, "killed"), (2, "lost")]

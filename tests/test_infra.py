@@ -544,8 +544,10 @@ def test_boto3_and_pulumi_create_the_same_instance(program, key_file, tmp_path, 
     image_id = spec.image_id or NEWEST_UBUNTU_LTS  # what newest_ubuntu_lts finds in AMIS
     group_id = spec.security_group_id or MOCK_GROUP_ID
     declared = {name: inputs for typ, name, inputs in run.mocks.resources if typ == INSTANCE}
-    assert list(declared) == ["server", *(f"server-{rank}" for rank in range(1, spec.nnodes))]
-    for node, inputs in zip(spec.nodes, declared.values()):
+    # Pulumi registers resources concurrently: their order is not the program's.
+    names = ["server", *(f"server-{rank}" for rank in range(1, spec.nnodes))]
+    assert sorted(declared) == names
+    for node, inputs in zip(spec.nodes, (declared[name] for name in names)):
         params = ec2.run_instances_params(node, image_id, spec.key_pair_name, [group_id])
         assert pulumi_instance(inputs) == boto3_instance(params)
         assert inputs["tags"]["crimpl:node-rank"] == str(node.rank)
@@ -623,9 +625,11 @@ def test_a_bad_duration_stops_the_program_with_one_line(program, base, key, valu
 def test_each_node_is_an_instance_named_by_rank_with_its_own_host_key(program, base):
     run = program({**base, "crimpl:nodes": 3})
     declared = {name: inputs for typ, name, inputs in run.mocks.resources if typ == INSTANCE}
-    assert list(declared) == ["server", "server-1", "server-2"]
+    # Pulumi registers resources concurrently: their order is not the program's.
+    names = ["server", "server-1", "server-2"]
+    assert sorted(declared) == names
     keys = []
-    for rank, inputs in enumerate(declared.values()):
+    for rank, inputs in enumerate(declared[name] for name in names):
         private, public = host_key_from_user_data(unsecret(inputs["userData"]))
         assert inputs["tags"]["crimpl:host-key"] == public == public_line_of(private)
         assert inputs["tags"]["crimpl:node-rank"] == inputs["volumeTags"]["crimpl:node-rank"] == str(rank)
