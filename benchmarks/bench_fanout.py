@@ -59,8 +59,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(HERE)]
 import latency_proxy  # noqa: E402
 from bench_transfer import machine  # noqa: E402
 from bench_user import make_big, run, write_section  # noqa: E402
-from sandbox import (SSH_CIDRS, MotoServer, Sshd, die_with_parent, make_client_key, moto_client,  # noqa: E402
-                     user_data_host_key)
+from sandbox import (SSH_CIDRS, MotoServer, Sshd, die_with_parent, interrupt_on_signals,  # noqa: E402
+                     make_client_key, moto_client, user_data_host_key)
 
 SECTION_START = "<!-- bench_fanout:start (written by benchmarks/bench_fanout.py; replaced by its next run) -->"
 SECTION_END = "<!-- bench_fanout:end -->"
@@ -560,14 +560,7 @@ def main(argv=None):
     sizes = Sizes(big=int(args.big_mib * 2**20), files=args.files, small=int(args.small_kib * 2**10))
     command = shlex.join(["python3", "benchmarks/bench_fanout.py", *(argv if argv is not None else sys.argv[1:])])
 
-    def stop_on_signal(signum, frame):
-        # Once: a second signal must not interrupt the cleanup the first one starts.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop_on_signal)
-    signal.signal(signal.SIGINT, stop_on_signal)
+    interrupt_on_signals()
     started, load_start = time.monotonic(), os.getloadavg()[0]
     bench = Bench(args.nodes, args.latency_ms, sizes, args.link_mbps)
     pids = {}

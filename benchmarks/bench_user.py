@@ -55,7 +55,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(HERE)]
 
 import latency_proxy  # noqa: E402
 from bench_transfer import machine  # noqa: E402
-from sandbox import Sandbox, Sshd, die_with_parent, moto_client, user_data_host_key, wait_until  # noqa: E402
+from sandbox import (Sandbox, Sshd, die_with_parent, interrupt_on_signals, moto_client,  # noqa: E402
+                     user_data_host_key, wait_until)
 
 FILE_SIZE = 8 * 1024
 STACK = "bench"
@@ -760,14 +761,7 @@ def main(argv=None):
     sizes = Sizes(files=args.files, big=int(args.big_mib * 2**20), changed=min(10, max(1, args.files // 2)))
     command = shlex.join(["python3", "benchmarks/bench_user.py", *(argv if argv is not None else sys.argv[1:])])
 
-    def stop_on_signal(signum, frame):
-        # Once: a second signal must not interrupt the cleanup the first one starts.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop_on_signal)
-    signal.signal(signal.SIGINT, stop_on_signal)
+    interrupt_on_signals()
     started, load_start = time.monotonic(), os.getloadavg()[0]
     cases = build_cases(sizes)
     bench = Bench(args.latency_ms, sizes)

@@ -104,6 +104,35 @@ def cluster_network(ec2):
 
 
 @pytest.fixture
+def ec2_config(aws, key_file, login_user, tmp_path):
+    """A config whose instances are reached through a test sshd as the local user, jobs under
+    ``tmp_path/remote``; saved as the only config, so ``AWSEC2(instance_id)`` and the CLI find it."""
+    config = AWSEC2_Config(
+        KeyFile=str(key_file), username=login_user, ssh_cidrs=["127.0.0.1/32"],
+        remote_dir=str(tmp_path / "remote"), ssh_timeout=20,
+        # The private IP survives stop/start in EC2 (and moto); the public one does not.
+        use_private_ip=True,
+    )
+    config.save("test")
+    return config
+
+
+@pytest.fixture
+def ec2_sshd(ec2_config, serve_instance):
+    """An EC2 instance (moto_server) and the real sshd that serves it."""
+    from crimpl import AWSEC2
+
+    server = AWSEC2.new(ec2_config, nprocs=2, server_name="served")
+    return server, serve_instance(server.instanceId)
+
+
+@pytest.fixture
+def ec2_server(ec2_sshd):
+    """An EC2 instance (moto_server) served by a real sshd (see :func:`ec2_config`)."""
+    return ec2_sshd[0]
+
+
+@pytest.fixture
 def config(key_file):
     """An :class:`AWSEC2_Config` with the test key and SSH open to :data:`SSH_CIDRS` only."""
     return AWSEC2_Config(KeyFile=str(key_file), ssh_cidrs=SSH_CIDRS)

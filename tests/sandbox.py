@@ -72,6 +72,22 @@ def kill_sessions(sshd):
         except ProcessLookupError:
             pass
 
+def cut_after_first_mib(conn, how, sshd):
+    """Return a transfer callback that breaks the connection once 1 MiB has moved.
+
+    :param how: "client drops the connection", or anything else to kill the server's sessions.
+    """
+
+    def interrupt(done, total):
+        if done > 2**20:
+            if how == "client drops the connection":
+                conn.client.get_transport().close()
+            else:
+                kill_sessions(sshd)
+
+    return interrupt
+
+
 class Background:
     """Run ``call`` in a thread; ``done``, ``result`` and ``error`` tell how it went."""
 
@@ -713,17 +729,23 @@ def main(argv=None):
     serve_forever(directory, args.minutes, args.stack_file)
 
 
-def serve_forever(directory, minutes, stack_file=None):
-    """Run the sandbox in this process until ``minutes`` pass, SIGTERM or SIGINT."""
+def interrupt_on_signals():
+    """Make SIGTERM and SIGINT raise KeyboardInterrupt in this process, once: a second signal
+    must not interrupt the cleanup the first one starts."""
 
     def stop_on_signal(signum, frame):
-        # Once: a second signal must not interrupt the cleanup it starts.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop_on_signal)
     signal.signal(signal.SIGINT, stop_on_signal)
+
+
+def serve_forever(directory, minutes, stack_file=None):
+    """Run the sandbox in this process until ``minutes`` pass, SIGTERM or SIGINT."""
+
+    interrupt_on_signals()
     sandbox = Sandbox(directory, die_with_parent=True)
     pid_file = sandbox.dir / "sandbox.pid"
     pid_file.write_text(str(os.getpid()), encoding="utf-8")

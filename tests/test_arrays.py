@@ -352,17 +352,6 @@ def test_submit_on_slurm_says_pending_for_a_queued_job_and_passes_nprocs_walltim
 # -- EC2 -----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def ec2_server(aws, key_file, login_user, serve_instance, tmp_path):
-    """An EC2 instance (moto_server) served by a real sshd, as in tests/test_jobs.py."""
-    config = crimpl.AWSEC2_Config(KeyFile=str(key_file), username=login_user, ssh_cidrs=["127.0.0.1/32"],
-                                  remote_dir=str(tmp_path / "remote"), ssh_timeout=20, use_private_ip=True)
-    config.save("test")
-    server = crimpl.AWSEC2.new(config, nprocs=2, server_name="arrays-test")
-    serve_instance(server.instanceId)
-    return server
-
-
 def test_an_array_on_ec2_runs_its_indexes_on_the_instance(ec2_server, tmp_path):
     marks = tmp_path / "marks.txt"
     job = ec2_server.submit_script(_marked(marks, fail=(1, 2)), array=4, max_parallel=2, quiet=True)

@@ -28,31 +28,6 @@ from sandbox import Background, processes_with, wait_until
 TARGETS = ["local", "ec2", "sshhost"]
 
 
-@pytest.fixture
-def ec2_config(aws, key_file, login_user, tmp_path):
-    """A config whose instances are reached through the test sshd as the local user."""
-    config = crimpl.AWSEC2_Config(
-        KeyFile=str(key_file), username=login_user, ssh_cidrs=["127.0.0.1/32"],
-        remote_dir=str(tmp_path / "remote"), ssh_timeout=20,
-        # The private IP survives stop/start in EC2 (and moto); the public one does not.
-        use_private_ip=True,
-    )
-    config.save("test")
-    return config
-
-
-@pytest.fixture
-def ec2_sshd(ec2_config, serve_instance):
-    """An EC2 instance (moto_server) and the real sshd that serves it."""
-    server = crimpl.AWSEC2.new(ec2_config, nprocs=2, server_name="jobs-test")
-    return server, serve_instance(server.instanceId)
-
-
-@pytest.fixture
-def ec2_server(ec2_sshd):
-    return ec2_sshd[0]
-
-
 @pytest.fixture(params=TARGETS)
 def target(request, tmp_path):
     if request.param == "local":

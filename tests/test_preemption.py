@@ -261,9 +261,12 @@ def _record_path(job_name, server_name="wd"):
     return crimpl_home() / preemption.RECORDS / server_name / f"{job_name}.json"
 
 
+def _described(ec2, instance_id):
+    return ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
+
+
 def _lifecycle(ec2, instance_id):
-    instance = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
-    return instance.get("InstanceLifecycle", "on-demand")
+    return _described(ec2, instance_id).get("InstanceLifecycle", "on-demand")
 
 
 RELAUNCHED_SCRIPT = textwrap.dedent("""\
@@ -280,28 +283,36 @@ RELAUNCHED_SCRIPT = textwrap.dedent("""\
 """)
 
 
-@pytest.mark.parametrize("fallback_on_demand, lifecycle", [(False, "spot"), (True, "on-demand")])
-def test_a_spot_server_terminated_at_the_notice_is_relaunched_and_the_job_completes_there(
-        instance, imds, relaunched, ec2, tmp_path, fallback_on_demand, lifecycle):
-    inst = _spot_instance(instance, imds)
+def _preempted_and_reclaimed(inst, imds, relaunched, ec2, tmp_path, **submit):
+    """Submit :data:`RELAUNCHED_SCRIPT` with one input and a retry to ``inst`` (a spot server),
+    let the notice preempt it, then have EC2 reclaim the instance, as it does with interruption
+    behaviour terminate. Returns ``(job, data, found, thread)`` (``relaunched``'s watch)."""
     old_id = inst.server.instanceId
     script = tmp_path / "train.sh"
     script.write_text(RELAUNCHED_SCRIPT)
     data = tmp_path / "data.txt"
     data.write_text("the inputs")
-    job = inst.server.submit_script(script, files=[data], retry_on_preemption=1,
-                                    fallback_on_demand=fallback_on_demand)
-    record = _record_path(job.job_name)
-    assert oct(record.stat().st_mode & 0o777) == "0o600"
-    assert json.loads(record.read_text())["files"] == [str(data)]
-    old_dir = inst.home / "crimpl" / "jobs" / job.job_name
-    wait_until(lambda: (old_dir / "running").exists(), timeout=30, what="the first attempt running")
-
+    job = inst.server.submit_script(script, files=[data], retry_on_preemption=1, **submit)
+    wait_until(lambda: (inst.home / "crimpl" / "jobs" / job.job_name / "running").exists(), timeout=30,
+               what="the first attempt running")
     imds.notice = {"action": "terminate", "time": "2026-11-30T10:00:00Z"}
     wait_until(lambda: (_record(inst, job) or {}).get("state") == "preempted", timeout=30,
                what="the job recorded preempted")
     found, thread = relaunched("wd", old_id)
     ec2.terminate_instances(InstanceIds=[old_id])  # EC2 reclaims the instance, its disk with it
+    return job, data, found, thread
+
+
+@pytest.mark.parametrize("fallback_on_demand, lifecycle", [(False, "spot"), (True, "on-demand")])
+def test_a_spot_server_terminated_at_the_notice_is_relaunched_and_the_job_completes_there(
+        instance, imds, relaunched, ec2, tmp_path, fallback_on_demand, lifecycle):
+    inst = _spot_instance(instance, imds)
+    old_id = inst.server.instanceId
+    job, data, found, thread = _preempted_and_reclaimed(inst, imds, relaunched, ec2, tmp_path,
+                                                        fallback_on_demand=fallback_on_demand)
+    record = _record_path(job.job_name)
+    assert oct(record.stat().st_mode & 0o777) == "0o600"
+    assert json.loads(record.read_text())["files"] == [str(data)]
 
     status = job.wait(timeout=120, interval=0.2)
     thread.join(timeout=30)
@@ -323,20 +334,10 @@ def test_crimpl_logs_in_a_new_process_relaunches_a_spot_server_a_preemption_took
 
     inst = _spot_instance(instance, imds)
     old_id = inst.server.instanceId
-    script = tmp_path / "train.sh"
-    script.write_text(RELAUNCHED_SCRIPT)
-    data = tmp_path / "data.txt"
-    data.write_text("the inputs")
-    job = inst.server.submit_script(script, files=[data], retry_on_preemption=1)
-    wait_until(lambda: (inst.home / "crimpl" / "jobs" / job.job_name / "running").exists(), timeout=30,
-               what="the first attempt running")
-    imds.notice = {"action": "terminate", "time": "2026-11-30T10:00:00Z"}
-    wait_until(lambda: (_record(inst, job) or {}).get("state") == "preempted", timeout=30,
-               what="the job recorded preempted")
-    found, thread = relaunched("wd", old_id)
-    ec2.terminate_instances(InstanceIds=[old_id])
+    job, _data, found, thread = _preempted_and_reclaimed(inst, imds, relaunched, ec2, tmp_path)
     # No live instance has the name any more: the closed laptop's next look, by name.
-    wait_until(lambda: _lifecycle_state(ec2, old_id) == "terminated", timeout=30, what="the old instance gone")
+    wait_until(lambda: _described(ec2, old_id)["State"]["Name"] == "terminated", timeout=30,
+               what="the old instance gone")
 
     result = run_cli("logs", job.job_name, "--follow", "--server", "wd")
     thread.join(timeout=30)
@@ -346,10 +347,6 @@ def test_crimpl_logs_in_a_new_process_relaunches_a_spot_server_a_preemption_took
     assert crimpl.AWSEC2(server_name="wd").instanceId == found["instance"]["InstanceId"]
     # Retried once: the record is gone once the job was read complete, and a look relaunches nothing more.
     assert not _record_path(job.job_name).exists()
-
-
-def _lifecycle_state(ec2, instance_id):
-    return ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]["State"]["Name"]
 
 
 def test_retries_spent_on_relaunched_capacity_leave_the_job_failed_preempted(instance, relaunched, ec2, tmp_path):

@@ -24,20 +24,13 @@ from sandbox import wait_until
 
 
 @pytest.fixture
-def ec2_server(aws, key_file, login_user, tmp_path, serve_instance):
-    """An EC2 instance (moto_server) served by a real sshd, its host key already replaced."""
-    config = crimpl.AWSEC2_Config(
-        KeyFile=str(key_file), username=login_user, ssh_cidrs=["127.0.0.1/32"],
-        remote_dir=str(tmp_path / "remote"), ssh_timeout=20, use_private_ip=True,
-    )
-    config.save("test")
-    server = crimpl.AWSEC2.new(config, nprocs=2, server_name="trips-test")
-    serve_instance(server.instanceId)
+def ec2_server(ec2_server):
+    """The served EC2 instance of conftest, its host key already replaced."""
     # The first two connections replace the host key from the user data (commands of their own).
     for _ in range(2):
-        server.job_statuses()
-    assert server.tags["crimpl:host-key-rotated"] == "true"
-    return server
+        ec2_server.job_statuses()
+    assert ec2_server.tags["crimpl:host-key-rotated"] == "true"
+    return ec2_server
 
 
 @pytest.fixture(params=["ec2", "sshhost"])

@@ -21,22 +21,9 @@ from cli_helper import run_cli
 from crimpl import transfer
 from crimpl.errors import JobError, TransferError
 from crimpl.transfer import store as objects
-from sandbox import Background, kill_sessions, processes_with, session_pids, wait_until
+from sandbox import Background, cut_after_first_mib, processes_with, session_pids, wait_until
 
 OBJECT_NAME = re.compile(r"[0-9a-f]{64}_-?[0-9]+_[0-7]+")
-
-
-@pytest.fixture
-def ec2_server(aws, key_file, login_user, tmp_path, serve_instance):
-    """An EC2 instance (moto_server) served by a real sshd, jobs under tmp_path/remote."""
-    config = crimpl.AWSEC2_Config(
-        KeyFile=str(key_file), username=login_user, ssh_cidrs=["127.0.0.1/32"],
-        remote_dir=str(tmp_path / "remote"), ssh_timeout=20, use_private_ip=True,
-    )
-    config.save("test")
-    server = crimpl.AWSEC2.new(config, nprocs=2, server_name="store-test")
-    serve_instance(server.instanceId)
-    return server
 
 
 @pytest.fixture(params=["local", "ec2"])
@@ -327,19 +314,6 @@ def test_clean_refuses_a_negative_age(target):
 
 
 # --------------------------------------------------------------------------- interruptions
-
-
-def cut_after_first_mib(conn, how, sshd):
-    """A callback that cuts the connection once 1 MiB has been sent."""
-
-    def interrupt(done, total):
-        if done > 2**20:
-            if how == "client drops the connection":
-                conn.client.get_transport().close()
-            else:
-                kill_sessions(sshd)
-
-    return interrupt
 
 
 @pytest.mark.parametrize("how", ["client drops the connection", "server session is killed"])

@@ -20,26 +20,10 @@ import pytest
 
 from crimpl import transfer
 from crimpl.errors import TransferError
-from sandbox import kill_sessions, session_pids, wait_until
+from sandbox import cut_after_first_mib, session_pids, wait_until
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-def cut_after_first_mib(conn, how, sshd):
-    """Return a transfer callback that breaks the connection once 1 MiB has moved.
-
-    :param how: "client drops the connection", or anything else to kill the server's sessions.
-    """
-
-    def interrupt(done, total):
-        if done > 2**20:
-            if how == "client drops the connection":
-                conn.client.get_transport().close()
-            else:
-                kill_sessions(sshd)
-
-    return interrupt
 
 
 @pytest.fixture(params=["ssh", "local"])
